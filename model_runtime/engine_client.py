@@ -1,0 +1,51 @@
+"""The contract between the HTTP server and the engine: what `server/` may call.
+
+The real implementation is `model_runtime.worker.Worker`; tests use fakes that honour the same
+contract.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from model_runtime.request import ChatInput, EngineStats, RequestOutput
+from model_runtime.sampling_params import SamplingParams
+
+HealthState = Literal["starting", "ready", "dead"]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the server advertises about the served model."""
+
+    max_model_len: int
+    max_tiles_per_image: int
+    default_tiles_per_image: int
+    default_frames_per_video: int
+    template: str
+
+
+class EngineClient(Protocol):
+    """Async face of the engine.
+
+    `generate` is an async generator: errors about the request itself (InvalidRequestError,
+    MediaError, MediaTooLargeError, PromptTooLongError, QueueFullError, EngineDeadError) are raised
+    when the first item is awaited, before any output; a failure later in serving arrives as a
+    final `RequestOutput` with `error` set (a RequestFailedError) and `finished=True`.
+    Closing the generator early (client gone) aborts the request and frees its memory.
+    """
+
+    info: ModelInfo
+
+    @property
+    def health(self) -> HealthState: ...
+
+    def stats(self) -> EngineStats: ...
+
+    def generate(
+        self, request_id: str, chat: ChatInput, params: SamplingParams
+    ) -> AsyncIterator[RequestOutput]: ...
+
+    async def abort(self, request_id: str) -> None: ...

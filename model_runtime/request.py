@@ -1,0 +1,100 @@
+"""The runtime's request vocabulary: chat input with media, sampling, and streamed outputs.
+
+The server turns an OpenAI request into a `ChatInput` + `SamplingParams`; the worker streams
+`RequestOutput`s back. Nothing here knows HTTP.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """One image as undecoded bytes plus its per-image tiling limit (None: the model's default)."""
+
+    data: bytes
+    max_tiles: int | None = None
+
+
+@dataclass(frozen=True)
+class VideoInput:
+    """One video as undecoded bytes; frames sampled as the reference `load_video` does."""
+
+    data: bytes
+    num_frames: int | None = None
+    max_tiles_per_frame: int | None = None
+    bound: tuple[float, float] | None = None
+
+
+Part = str | ImageInput | VideoInput
+
+
+@dataclass(frozen=True)
+class Message:
+    """One chat message; `parts` keep the client's order (text, images and videos)."""
+
+    role: Literal["system", "user", "assistant"]
+    parts: tuple[Part, ...]
+
+
+@dataclass(frozen=True)
+class ChatInput:
+    """A whole conversation to answer; the last assistant turn is left open by the template."""
+
+    messages: tuple[Message, ...]
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One sampled token's log-probability and the top alternatives at that step."""
+
+    token_id: int
+    token: str
+    logprob: float
+    top: tuple[tuple[int, str, float], ...] = ()
+
+
+FinishReason = Literal["stop", "length", "abort", "error"]
+
+
+@dataclass
+class CompletionDelta:
+    """What one choice (index) produced since the previous output."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: FinishReason | None = None
+
+
+@dataclass
+class RequestOutput:
+    """One streamed update for a request: deltas of the choices that advanced, and usage so far."""
+
+    request_id: str
+    deltas: list[CompletionDelta]
+    prompt_tokens: int
+    completion_tokens: int
+    image_tokens: int = 0
+    finished: bool = False
+    error: Exception | None = None
+    # Wall-clock seconds the request spent queued before its first scheduling (set once).
+    queue_time: float | None = None
+
+
+@dataclass
+class EngineStats:
+    """A snapshot of the engine for metrics and health."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    cache_usage: float = 0.0
+    cache_used_tokens: int = 0
+    cache_total_tokens: int = 0
+    vision_cache_bytes: int = 0
+    vision_cache_hits: int = 0
+    vision_cache_misses: int = 0
+    extra: dict[str, float] = field(default_factory=dict)
