@@ -15,7 +15,6 @@ class EngineConfig:
     device: str = "auto"  # auto: cuda if available, else cpu
     device_map: str | None = None  # e.g. "auto" to spread a large model over GPUs (needs accelerate)
     attn_implementation: str = "auto"  # auto: flash_attention_2 when installed, else sdpa
-    quantization: str | None = None  # None, "8bit" or "4bit" (bitsandbytes)
     allow_pickle: bool = False  # read .bin (pickle) weights only when explicitly allowed
     template: str | None = None  # override the conversation template
     seed: int = 0
