@@ -1,0 +1,44 @@
+"""A content-addressed LRU cache of projected vision features, bounded in bytes.
+
+A multi-turn chat re-sends the same image every turn and many users send the same image; encoding
+it once saves the vision tower's work (the dominant prefill cost for small LLMs).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+
+
+class VisionFeatureCache:
+    """Maps an image's content key to its features [tiles * tokens_per_tile, hidden]."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: str) -> torch.Tensor | None:
+        features = self._entries.get(key)
+        if features is None:
+            self.misses += 1
+            return None
+        self._entries.move_to_end(key)
+        self.hits += 1
+        return features
+
+    def put(self, key: str, features: torch.Tensor) -> None:
+        size = features.numel() * features.element_size()
+        if size > self.max_bytes or key in self._entries:
+            return
+        self._entries[key] = features
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            _, old = self._entries.popitem(last=False)
+            self.bytes -= old.numel() * old.element_size()
+
+    def __len__(self) -> int:
+        return len(self._entries)

@@ -1,0 +1,175 @@
+"""The resident worker: owns the model for the life of the process and runs the step loop.
+
+The loop runs in a background *thread*, not a process: torch releases the GIL inside its kernels,
+so the asyncio server stays responsive, and requests (with their pixel tensors) and outputs cross
+over without serialisation. Media decoding and prompt building run on a separate thread pool so a
+large image never stalls the decode loop. The server talks to `Worker` through `EngineClient`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from model_runtime.checkpoint import LoadedCheckpoint, load_checkpoint
+from model_runtime.config import EngineConfig
+from model_runtime.engine import Engine
+from model_runtime.engine_client import HealthState, ModelInfo
+from model_runtime.errors import EngineDeadError
+from model_runtime.processor import Processor
+from model_runtime.request import ChatInput, EngineStats, Message, RequestOutput
+from model_runtime.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+_IDLE_WAIT_S = 0.05
+
+
+class Worker:
+    """Async face of the engine (implements `EngineClient`)."""
+
+    def __init__(self, loaded: LoadedCheckpoint, config: EngineConfig) -> None:
+        self.config = config
+        self.loaded = loaded
+        self.engine = Engine(loaded, config)
+        self.processor = Processor(loaded, config)
+        self.info = ModelInfo(
+            max_model_len=loaded.max_model_len,
+            max_tiles_per_image=min(max(loaded.max_tiles, 1), config.max_tiles_ceiling),
+            default_tiles_per_image=loaded.max_tiles,
+            default_frames_per_video=config.frames_per_video,
+            template=loaded.template.name,
+        )
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=config.preprocess_workers, thread_name_prefix="internvl-preprocess"
+        )
+        self._state: HealthState = "starting"
+        self._stop = threading.Event()
+        self._stats = self.engine.stats()
+        self._thread = threading.Thread(target=self._loop, name="internvl-engine", daemon=True)
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    @classmethod
+    def start(cls, config: EngineConfig) -> Worker:
+        """Load the checkpoint, start the loop and warm it up (blocking)."""
+        worker = cls(load_checkpoint(config), config)
+        worker._thread.start()
+        worker._warm_up()
+        return worker
+
+    def _warm_up(self) -> None:
+        request = self.processor.process(
+            "warmup", ChatInput((Message("user", ("warm up",)),)), SamplingParams(max_tokens=2, temperature=0.0)
+        )
+        done = threading.Event()
+        request.sink = lambda out: done.set() if out.finished else None
+        self._submit(request).result()
+        if not done.wait(timeout=600) or self._state == "dead":
+            raise RuntimeError("the engine did not finish its warm-up request")
+        self._state = "ready"
+
+    async def shutdown(self) -> None:
+        self._stop.set()
+        self._commands.put(("wake", None, None))
+        await asyncio.to_thread(self._thread.join, 30)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def served_model_default_name(self) -> str:
+        model = self.config.model
+        return Path(model).name if Path(model).exists() else model
+
+    @property
+    def health(self) -> HealthState:
+        return self._state
+
+    def stats(self) -> EngineStats:
+        return self._stats
+
+    # -- the loop ----------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        engine = self.engine
+        while not self._stop.is_set():
+            try:
+                self._drain_commands(block=not engine.scheduler.has_work)
+                if engine.scheduler.has_work:
+                    engine.step()
+                self._stats = engine.stats()
+            except Exception:  # noqa: BLE001 - anything escaping a step leaves the device state unknown
+                log.critical("engine loop failed; marking the worker dead", exc_info=True)
+                self._state = "dead"
+                engine.fail_all(EngineDeadError("the engine failed and is restarting; retry the request"))
+                self._stats = engine.stats()
+                self._fail_pending()
+                return
+
+    def _drain_commands(self, *, block: bool) -> None:
+        try:
+            item = self._commands.get(timeout=_IDLE_WAIT_S) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            kind, payload, future = item
+            if kind == "add":
+                try:
+                    self.engine.add(payload)
+                    future.set_result(None)
+                except Exception as exc:  # noqa: BLE001 - typed errors go back to the caller
+                    future.set_exception(exc)
+            elif kind == "abort":
+                self.engine.abort(payload)
+            try:
+                item = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _fail_pending(self) -> None:
+        while True:
+            try:
+                kind, _, future = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                future.set_exception(EngineDeadError("the engine is not serving; retry later"))
+
+    def _submit(self, request) -> concurrent.futures.Future:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        if self._state == "dead":
+            future.set_exception(EngineDeadError("the engine is not serving; retry later"))
+            return future
+        self._commands.put(("add", request, future))
+        return future
+
+    # -- the async API -----------------------------------------------------------------------------
+
+    async def generate(
+        self, request_id: str, chat: ChatInput, params: SamplingParams
+    ) -> AsyncIterator[RequestOutput]:
+        if self._state == "dead":
+            raise EngineDeadError("the engine is not serving; retry later")
+        params.validate()
+        loop = asyncio.get_running_loop()
+        request = await loop.run_in_executor(self._pool, self.processor.process, request_id, chat, params)
+        outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        request.sink = lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out)
+        await asyncio.wrap_future(self._submit(request))
+        finished = False
+        try:
+            while not finished:
+                output = await outputs.get()
+                finished = output.finished
+                yield output
+        finally:
+            if not finished:
+                self._commands.put(("abort", request_id, None))
+
+    async def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id, None))
