@@ -76,6 +76,13 @@ class _PrefillView:
         v[self.slot, :, self.start : end] = value[0]
         return k[self.slot : self.slot + 1, :, :end], v[self.slot : self.slot + 1, :, :end]
 
+    # The two queries transformers makes when it builds the causal mask itself.
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        return self.start
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self.start + query_length, 0
+
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.start
 
@@ -95,6 +102,12 @@ class _DecodeView:
         v[rows, :, pos] = value[:, :, 0]
         batch = key.shape[0]
         return k[:batch, :, : self.length], v[:batch, :, : self.length]
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        return self.length - 1
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self.length, 0
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.length - 1

@@ -13,6 +13,7 @@ import contextlib
 import io
 import math
 from collections.abc import Sequence
+from typing import Any
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -69,7 +70,9 @@ def candidate_grids(min_tiles: int, max_tiles: int) -> list[tuple[int, int]]:
     # first added; its triple loop first meets (i, j) at n = max(min_tiles, i, j), in (i, j) order
     # within each n. Adding pairs in that order rebuilds the same set in O(max_tiles log max_tiles)
     # instead of the reference's O(max_tiles**3).
-    pairs = [(i, j) for i in range(1, max_tiles + 1) for j in range(1, max_tiles // i + 1) if i * j >= min_tiles]
+    pairs = [
+        (i, j) for i in range(1, max_tiles + 1) for j in range(1, max_tiles // i + 1) if i * j >= min_tiles
+    ]
     pairs.sort(key=lambda p: (max(min_tiles, p[0], p[1]), p[0], p[1]))
     return sorted(set(pairs), key=lambda p: p[0] * p[1])
 
@@ -158,7 +161,9 @@ def _grid_tensor(
             thumb_future = pool.submit(image.resize, (size, size), resample)
         grid = _hwc_uint8(image.resize((cols * size, rows * size), resample))  # [rows*S, cols*S, 3]
         pixels = torch.empty((n + int(thumbnail), 3, size, size), dtype=torch.float32)
-        pixels[:n].view(rows, cols, 3, size, size).copy_(grid.view(rows, size, cols, size, 3).permute(0, 2, 4, 1, 3))
+        pixels[:n].view(rows, cols, 3, size, size).copy_(
+            grid.view(rows, size, cols, size, 3).permute(0, 2, 4, 1, 3)
+        )
         if thumbnail:
             thumb = thumb_future.result() if thumb_future else image.resize((size, size), resample)
             pixels[n].copy_(_hwc_uint8(thumb).permute(2, 0, 1))
@@ -188,7 +193,7 @@ def preprocess_image(
 # --- image decoding -----------------------------------------------------------------------------
 
 
-def _too_large(what: str, pixels: int, limit: int) -> MediaTooLargeError:
+def _too_large(what: str, pixels: int | str, limit: int) -> MediaTooLargeError:
     return MediaTooLargeError(f"{what} has {pixels} pixels, more than the limit of {limit} pixels")
 
 
@@ -203,14 +208,15 @@ def _open_image(data: bytes, max_pixels: int) -> Image.Image:
     if not data:
         raise MediaError("could not decode image: no data")
     limit = _pixel_limit(max_pixels)
+    bomb = int(Image.MAX_IMAGE_PIXELS or 0)
     try:
         image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        # Pillow refuses over 2x MAX_IMAGE_PIXELS in open() (and warns over 1x; the warning is an
-        # exception where warnings are errors). Its text is not ours to forward.
-        raise MediaTooLargeError(
-            f"image is too large: it declares more than {limit} pixels, the limit"
-        ) from None
+    except Image.DecompressionBombError:
+        # Pillow refuses over 2x MAX_IMAGE_PIXELS inside open(); its text is not ours to forward.
+        raise _too_large("image", f"more than {2 * bomb}", limit) from None
+    except Image.DecompressionBombWarning:
+        # Over 1x it warns, which is an exception where warnings are errors.
+        raise _too_large("image", f"more than {bomb}", limit) from None
     except Exception:
         raise MediaError(_BAD_IMAGE) from None
     width, height = image.size
@@ -284,17 +290,6 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
     return _decode_pixels(_open_image(data, max_pixels))
 
 
-def _apply_jpeg_draft(image: Image.Image, width: int, height: int) -> None:
-    # Let libjpeg decode at 1/2, 1/4 or 1/8 scale (DCT scaling) while staying at least width x height
-    # in display orientation: far less decoding and resizing work, slightly different pixels.
-    if image.format not in ("JPEG", "MPO"):
-        return
-    if _orientation(image) in (5, 6, 7, 8):
-        width, height = height, width
-    with contextlib.suppress(Exception):
-        image.draft(None, (width, height))
-
-
 def load_image(
     data: bytes,
     *,
@@ -314,17 +309,31 @@ def load_image(
     """
     _check_tiling(min_tiles, max_tiles, image_size)
     image = _open_image(data, max_pixels)
-    width, height = image.size
-    if _orientation(image) in (5, 6, 7, 8):
-        width, height = height, width
-    cols, rows = choose_grid(width, height, min_tiles=min_tiles, max_tiles=max_tiles, image_size=image_size)
-    if fast_jpeg_draft:
-        _apply_jpeg_draft(image, cols * image_size, rows * image_size)
-    rgb = _decode_pixels(image)
-    if not fast_jpeg_draft and rgb.size != (width, height):
-        # The EXIF read before decoding disagreed with the decoded image: choose from what we have.
-        cols, rows = choose_grid(*rgb.size, min_tiles=min_tiles, max_tiles=max_tiles, image_size=image_size)
-    return _grid_tensor(rgb, cols, rows, image_size, use_thumbnail, parallel)
+    if fast_jpeg_draft and image.format in ("JPEG", "MPO"):
+        # Choose the grid from the full size first so that drafting never changes the tile count.
+        # (Only JPEG's EXIF can be read before decoding; for PNG reading it would decode the image.)
+        width, height = image.size
+        swapped = _orientation(image) in (5, 6, 7, 8)
+        if swapped:
+            width, height = height, width
+        cols, rows = choose_grid(
+            width, height, min_tiles=min_tiles, max_tiles=max_tiles, image_size=image_size
+        )
+        draft_size = (
+            (rows * image_size, cols * image_size) if swapped else (cols * image_size, rows * image_size)
+        )
+        with contextlib.suppress(Exception):
+            # libjpeg decodes at 1/2, 1/4 or 1/8 scale, never below the grid's size.
+            image.draft(None, draft_size)
+        return _grid_tensor(_decode_pixels(image), cols, rows, image_size, use_thumbnail, parallel)
+    return preprocess_image(
+        _decode_pixels(image),
+        max_tiles=max_tiles,
+        min_tiles=min_tiles,
+        image_size=image_size,
+        use_thumbnail=use_thumbnail,
+        parallel=parallel,
+    )
 
 
 # --- video --------------------------------------------------------------------------------------
@@ -364,9 +373,9 @@ def _looks_like_video(data: bytes) -> bool:
     )
 
 
-def _decode_frames(reader: object, indices: np.ndarray) -> np.ndarray:
+def _decode_frames(reader: Any, indices: np.ndarray) -> np.ndarray:
     try:
-        batch = reader.get_batch([int(i) for i in indices])  # type: ignore[attr-defined]
+        batch = reader.get_batch([int(i) for i in indices])
         frames = batch.asnumpy() if hasattr(batch, "asnumpy") else np.asarray(batch)
     except Exception:
         raise MediaError(_BAD_VIDEO) from None
@@ -396,9 +405,19 @@ def load_video(
     if num_frames < 1:
         raise InvalidRequestError(f"num_frames must be at least 1, got {num_frames}", param="num_frames")
     _check_tiling(1, max_tiles_per_frame, image_size)
+    if bound is not None and not (
+        len(bound) == 2 and all(math.isfinite(t) for t in bound) and bound[0] <= bound[1]
+    ):
+        raise InvalidRequestError(
+            f"bound must be (start, end) seconds with start <= end, got {bound}", param="bound"
+        )
     if not data or not _looks_like_video(data):
         raise MediaError(_BAD_VIDEO)
-    from decord import VideoReader, cpu  # the video stack loads only when a video arrives
+    try:
+        # Imported here: images keep working where decord has no wheel, and its ffmpeg loads on first use.
+        from decord import VideoReader, cpu
+    except ImportError:
+        raise MediaError("video input is not supported by this server (decord is not installed)") from None
 
     try:
         reader = VideoReader(io.BytesIO(data), ctx=cpu(0), num_threads=1)
@@ -411,7 +430,9 @@ def load_video(
     if not math.isfinite(fps) or fps <= 0:
         raise MediaError("could not decode video: no valid frame rate")
     if frame_count > max_frames_in_file:
-        raise MediaTooLargeError(f"video has {frame_count} frames, more than the limit of {max_frames_in_file}")
+        raise MediaTooLargeError(
+            f"video has {frame_count} frames, more than the limit of {max_frames_in_file}"
+        )
     duration = frame_count / fps
     if duration > max_duration_s:
         raise MediaTooLargeError(

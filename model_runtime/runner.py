@@ -102,14 +102,14 @@ class ModelRunner:
         embeds = self._embed(request, start, end)
         positions = torch.arange(start, end, device=self.device).unsqueeze(0)  # [1, chunk]
         if start == 0:
-            mask = None  # plain causal attention over the chunk, exactly as a fresh forward
+            mask = None  # transformers builds the causal mask itself, exactly as in a fresh forward
         else:
             q = torch.arange(start, end, device=self.device)[:, None]
             k = torch.arange(end, device=self.device)[None, :]
             mask = (k <= q)[None, None]  # [1, 1, chunk, end]
         hidden = self.lm(
             inputs_embeds=embeds,
-            attention_mask={"full_attention": mask, "sliding_attention": mask},
+            attention_mask=mask,
             position_ids=positions,
             past_key_values=self.cache.prefill_view(request.base_slot, start),
             use_cache=True,
@@ -135,7 +135,7 @@ class ModelRunner:
             mask = (torch.arange(length, device=self.device)[None, :] <= positions[:, None])[:, None, None, :]
         hidden = self.lm(
             inputs_embeds=self.embed(last).unsqueeze(1),  # [B, 1, hidden]
-            attention_mask={"full_attention": mask, "sliding_attention": mask},
+            attention_mask=mask,
             position_ids=positions.unsqueeze(1),
             past_key_values=self.cache.decode_view(positions, length),
             use_cache=True,
