@@ -1,0 +1,185 @@
+"""Offline throughput: the continuous-batching worker vs the model card's one-request-at-a-time loop.
+
+Both run the same random InternVL in the same process and run. The baseline is what `model.chat()`
+does: transformers' `generate()` for one request at a time. The worker gets `concurrency` requests
+in flight through its async API. Greedy outputs are compared token for token.
+
+    python benchmarks/throughput.py                       # CPU, "small" model, fp32
+    python benchmarks/throughput.py --size 1b --device cuda --dtype bfloat16 --concurrency 1 16 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import resource
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from model_runtime.config import EngineConfig
+from model_runtime.request import ChatInput, ImageInput, Message
+from model_runtime.sampling_params import SamplingParams
+from model_runtime.tiny import write_tiny_checkpoint
+from model_runtime.worker import Worker
+
+QUESTIONS = [
+    "Please describe the scene in detail, including the colors, the objects and what the people are doing.",
+    "Tell me a long story about a red panda who lives in a bamboo forest and wants to see the sea one day.",
+    "Write a poem about the quick brown fox that jumps over the lazy dog, in the style of a sonnet please.",
+    "Explain step by step how a vision language model turns the pixels of an image into words and answers.",
+]
+
+
+@dataclass
+class Workload:
+    name: str
+    max_tokens: int
+    with_image: bool
+
+
+WORKLOADS = {"decode": Workload("decode-heavy", 128, False), "image": Workload("image", 64, True)}
+
+
+def _image_bytes(seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 255, size=(448, 448, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    return out.getvalue()
+
+
+def make_chats(workload: Workload, count: int) -> list[ChatInput]:
+    chats = []
+    for i in range(count):
+        parts: tuple = (QUESTIONS[i % len(QUESTIONS)],)
+        if workload.with_image:
+            # One tile per image (max_tiles=1), distinct images so the feature cache never hits.
+            parts = (ImageInput(_image_bytes(i), max_tiles=1), *parts)
+        chats.append(ChatInput((Message("user", parts),)))
+    return chats
+
+
+def params_for(workload: Workload) -> SamplingParams:
+    return SamplingParams(max_tokens=workload.max_tokens, temperature=0.0, ignore_eos=True)
+
+
+def run_baseline(worker: Worker, chats: list[ChatInput], workload: Workload) -> tuple[float, list[list[int]]]:
+    """transformers generate(), one request at a time (the seeds' model.chat() loop)."""
+    model = worker.loaded.model
+    model.generation_config.eos_token_id = None
+    device = worker.loaded.device
+    outputs, tokens, start = [], 0, time.perf_counter()
+    for i, chat in enumerate(chats):
+        request = worker.processor.process(f"base-{i}", chat, params_for(workload))
+        ids = torch.tensor([request.prompt_ids], device=device)
+        kwargs = {}
+        if request.images:
+            kwargs["pixel_values"] = torch.cat([im.pixel_values for im in request.images]).to(device, model.dtype)
+        with torch.inference_mode():
+            out = model.generate(
+                input_ids=ids, max_new_tokens=workload.max_tokens, do_sample=False, pad_token_id=0, **kwargs
+            )
+        new = out[0, ids.shape[1] :].tolist()
+        outputs.append(new)
+        tokens += len(new)
+    _sync(device)
+    return tokens / (time.perf_counter() - start), outputs
+
+
+async def _one(worker: Worker, rid: str, chat: ChatInput, params: SamplingParams) -> list[int]:
+    ids: list[int] = []
+    async for out in worker.generate(rid, chat, params):
+        for delta in out.deltas:
+            ids.extend(delta.token_ids)
+        if out.error is not None:
+            raise out.error
+    return ids
+
+
+async def run_worker(
+    worker: Worker, chats: list[ChatInput], workload: Workload, concurrency: int
+) -> tuple[float, list[list[int]]]:
+    gate = asyncio.Semaphore(concurrency)
+
+    async def limited(i: int, chat: ChatInput) -> list[int]:
+        async with gate:
+            return await _one(worker, f"w{concurrency}-{i}", chat, params_for(workload))
+
+    start = time.perf_counter()
+    outputs = await asyncio.gather(*(limited(i, c) for i, c in enumerate(chats)))
+    _sync(worker.loaded.device)
+    elapsed = time.perf_counter() - start
+    return sum(len(o) for o in outputs) / elapsed, outputs
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", default="small", help="tiny, small or 1b (see model_runtime/tiny.py)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--workloads", nargs="+", default=["decode", "image"], choices=sorted(WORKLOADS))
+    parser.add_argument("--baseline-requests", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=2, help="requests per run = rounds x concurrency")
+    args = parser.parse_args(argv)
+
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_tiny_checkpoint(tmp, layout="original", llm="qwen2", size=args.size, seed=0)
+        config = EngineConfig(
+            model=str(path),
+            device=args.device,
+            dtype=args.dtype,
+            max_model_len=1024,
+            max_num_seqs=max(args.concurrency),
+            max_num_batched_tokens=4096,
+            kv_cache_memory_gib=None,
+            vision_cache_mib=0,
+        )
+        worker = Worker.start(config)
+        device = worker.loaded.device
+        print(f"# model: random InternVL '{args.size}', {args.dtype} on {device}; torch {torch.__version__}")
+        print(f"# KV cache: {worker.engine.cache.num_slots} slots x {worker.engine.cache.shape.capacity} tokens")
+        ok = True
+        for key in args.workloads:
+            workload = WORKLOADS[key]
+            base_chats = make_chats(workload, args.baseline_requests)
+            base_tps, base_out = run_baseline(worker, base_chats, workload)
+            print(f"\n## {workload.name}: {workload.max_tokens} output tokens per request")
+            print(f"baseline (generate, one at a time): {base_tps:8.1f} output tok/s")
+            print("| concurrency | worker tok/s | vs baseline | greedy identical |")
+            print("|---:|---:|---:|:---:|")
+            for concurrency in args.concurrency:
+                count = max(args.rounds * concurrency, args.baseline_requests)
+                chats = make_chats(workload, count)
+                tps, outs = asyncio.run(run_worker(worker, chats, workload, concurrency))
+                same = all(outs[i] == base_out[i] for i in range(args.baseline_requests))
+                ok &= same
+                print(f"| {concurrency} | {tps:.1f} | {tps / base_tps:.2f}x | {'yes' if same else 'NO'} |")
+        print(f"\npeak memory: {peak_memory_mib(device):.0f} MiB ({'GPU allocated' if device.type == 'cuda' else 'RSS'})")
+        stats = worker.stats()
+        print(f"after the run: running={stats.num_running} waiting={stats.num_waiting} used_slots={stats.extra['used_slots']:.0f}")
+        asyncio.run(worker.shutdown())
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
