@@ -293,9 +293,16 @@ def pick_attn_implementation(requested: str, device: torch.device) -> str:
 def load_tokenizer(path: Path):
     """The checkpoint's tokenizer, without running any code it ships."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from transformers.utils import logging as hf_logging
 
     try:
-        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+        # AutoTokenizer reads config.json and warns that `internvl_chat` is unknown: true but not useful.
+        previous = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+        finally:
+            hf_logging.set_verbosity(previous)
     except Exception as exc:  # noqa: BLE001 - custom tokenizer classes (InternLM2) need a fallback
         if (path / "tokenizer.json").is_file():
             return PreTrainedTokenizerFast.from_pretrained(str(path))

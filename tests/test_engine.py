@@ -1,0 +1,256 @@
+"""The engine on a tiny random InternVL: exact greedy parity with transformers, batching, limits."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from model_runtime.checkpoint import load_checkpoint
+from model_runtime.config import EngineConfig
+from model_runtime.engine import Engine
+from model_runtime.errors import PromptTooLongError, QueueFullError, RequestFailedError
+from model_runtime.processor import Processor
+from model_runtime.request import ChatInput, ImageInput, Message, RequestOutput, VideoInput
+from model_runtime.sampling_params import SamplingParams
+from model_runtime.sequence import Request
+
+
+def png(seed: int, size: tuple[int, int] = (300, 200)) -> bytes:
+    rng = np.random.default_rng(seed)
+    out = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, size=(size[1], size[0], 3), dtype=np.uint8)).save(out, format="PNG")
+    return out.getvalue()
+
+
+def mp4(frames: int = 12) -> bytes:
+    av = pytest.importorskip("av")
+    out = io.BytesIO()
+    with av.open(out, mode="w", format="mp4") as container:
+        stream = container.add_stream("mpeg4", rate=6)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for i in range(frames):
+            array = np.full((48, 64, 3), (i * 20) % 255, dtype=np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return out.getvalue()
+
+
+class Harness:
+    """An engine plus the processor, stepping synchronously (no worker thread)."""
+
+    def __init__(self, path, **overrides) -> None:
+        self.config = EngineConfig(model=str(path), max_model_len=overrides.pop("max_model_len", 4096), **overrides)
+        self.loaded = load_checkpoint(self.config)
+        self.engine = Engine(self.loaded, self.config)
+        self.processor = Processor(self.loaded, self.config)
+        self.outputs: dict[str, list[RequestOutput]] = {}
+
+    def request(self, rid: str, chat: ChatInput, params: SamplingParams) -> Request:
+        request = self.processor.process(rid, chat, params)
+        request.sink = self.outputs.setdefault(rid, []).append
+        return request
+
+    def add(self, rid: str, chat: ChatInput, params: SamplingParams) -> Request:
+        request = self.request(rid, chat, params)
+        self.engine.add(request)
+        return request
+
+    def run(self, max_steps: int = 10_000) -> None:
+        for _ in range(max_steps):
+            if not self.engine.scheduler.has_work:
+                return
+            self.engine.step()
+        raise AssertionError("engine did not drain")
+
+    def text(self, rid: str, index: int = 0) -> str:
+        return "".join(d.text for o in self.outputs[rid] for d in o.deltas if d.index == index)
+
+    def reference(self, request: Request, max_new_tokens: int) -> list[int]:
+        """transformers' own generate() on the native class, as the model card's chat() runs it."""
+        model = self.loaded.model
+        ids = torch.tensor([request.prompt_ids])
+        kwargs = {}
+        if request.images:
+            kwargs["pixel_values"] = torch.cat([image.pixel_values for image in request.images])
+        with torch.inference_mode():
+            out = model.generate(
+                input_ids=ids,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=list(self.loaded.stop_token_ids),
+                pad_token_id=0,
+                **kwargs,
+            )
+        return out[0, ids.shape[1] :].tolist()
+
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
+
+
+def user(*parts) -> Message:
+    return Message("user", tuple(parts))
+
+
+CHATS = {
+    "text": ChatInput((user("Hello, who are you?"),)),
+    "one image": ChatInput((user(ImageInput(png(1), max_tiles=4), "Describe the image."),)),
+    "two images": ChatInput(
+        (user(ImageInput(png(2), max_tiles=2), ImageInput(png(3, (120, 400)), max_tiles=3), "Compare them."),)
+    ),
+    "multi-turn": ChatInput(
+        (
+            Message("system", ("You are terse.",)),
+            user(ImageInput(png(4), max_tiles=2), "What is this?"),
+            Message("assistant", ("A picture of noise.",)),
+            user("And the colors?"),
+        )
+    ),
+}
+
+
+@pytest.fixture(scope="module", params=["qwen2", "internlm2"])
+def harness(request, tmp_path_factory):
+    from model_runtime.tiny import write_tiny_checkpoint
+
+    path = write_tiny_checkpoint(tmp_path_factory.mktemp(request.param), llm=request.param, layout="original")
+    return Harness(path)
+
+
+@pytest.mark.parametrize("name", list(CHATS))
+def test_greedy_matches_transformers_generate(harness: Harness, name: str) -> None:
+    request = harness.add(f"one-{name}", CHATS[name], GREEDY)
+    reference = harness.reference(harness.request("ref", CHATS[name], GREEDY), 12)
+    harness.run()
+    assert request.seqs[0].output_ids == reference
+
+
+def test_video_matches_transformers_generate(harness: Harness) -> None:
+    chat = ChatInput((user(VideoInput(mp4(), num_frames=4), "What happens?"),))
+    request = harness.add("video", chat, GREEDY)
+    assert len(request.images) == 4 and "Frame4: <img>" in harness.loaded.tokenizer.decode(request.prompt_ids)
+    reference = harness.reference(harness.request("ref-video", chat, GREEDY), 12)
+    harness.run()
+    assert request.seqs[0].output_ids == reference
+
+
+def test_batched_equals_one_at_a_time_with_joins(harness: Harness) -> None:
+    chats = list(CHATS.values()) * 2
+    alone = []
+    for i, chat in enumerate(chats):
+        request = harness.add(f"alone-{i}", chat, GREEDY)
+        harness.run()
+        alone.append(request.seqs[0].output_ids)
+    batched = [harness.add(f"batch-{i}", chat, GREEDY) for i, chat in enumerate(chats[:4])]
+    for _ in range(3):
+        harness.engine.step()
+    batched += [harness.add(f"batch-{i + 4}", chat, GREEDY) for i, chat in enumerate(chats[4:])]
+    harness.run()
+    assert [r.seqs[0].output_ids for r in batched] == alone
+    assert harness.engine.stats().extra["used_slots"] == 0
+
+
+def test_streamed_text_equals_decode(harness: Harness) -> None:
+    request = harness.add("stream", CHATS["text"], SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True))
+    harness.run()
+    ids = request.seqs[0].output_ids
+    assert harness.text("stream") == harness.loaded.tokenizer.decode(ids, skip_special_tokens=True)
+    final = harness.outputs["stream"][-1]
+    assert final.finished and final.deltas[-1].finish_reason == "length"
+    assert final.completion_tokens == 20 and final.prompt_tokens == request.prompt_len
+
+
+def test_stop_string_is_never_emitted(harness: Harness) -> None:
+    probe = harness.add("probe", CHATS["text"], SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True))
+    harness.run()
+    full = harness.text("probe")
+    stop = full[5:8]
+    assert len(stop) == 3
+    harness.add("stopped", CHATS["text"], SamplingParams(max_tokens=20, temperature=0.0, stop=(stop,), ignore_eos=True))
+    harness.run()
+    assert harness.text("stopped") == full[: full.index(stop)]
+    assert harness.outputs["stopped"][-1].deltas[-1].finish_reason == "stop"
+    del probe
+
+
+def test_seeded_sampling_is_reproducible_inside_a_batch(harness: Harness) -> None:
+    seeded = SamplingParams(max_tokens=10, temperature=1.0, seed=1234, ignore_eos=True)
+    alone = harness.add("seed-alone", CHATS["text"], seeded)
+    harness.run()
+    crowd = [harness.add(f"noise-{i}", CHATS["one image"], SamplingParams(max_tokens=10, ignore_eos=True)) for i in range(3)]
+    together = harness.add("seed-batch", CHATS["text"], seeded)
+    harness.run()
+    assert together.seqs[0].output_ids == alone.seqs[0].output_ids
+    assert all(len(r.seqs[0].output_ids) == 10 for r in crowd)
+
+
+def test_n_shares_one_prefill(harness: Harness) -> None:
+    request = harness.add("n3", CHATS["one image"], SamplingParams(n=3, max_tokens=8, temperature=0.0, ignore_eos=True))
+    harness.run()
+    outs = [seq.output_ids for seq in request.seqs]
+    assert outs[0] == outs[1] == outs[2] and len(outs[0]) == 8
+    reasons = [d.finish_reason for o in harness.outputs["n3"] for d in o.deltas if d.finish_reason]
+    assert sorted(reasons) == ["length"] * 3
+
+
+def test_abort_frees_slots_and_tokens(harness: Harness) -> None:
+    requests = [harness.add(f"ab-{i}", CHATS["text"], SamplingParams(max_tokens=50, ignore_eos=True)) for i in range(4)]
+    for _ in range(3):
+        harness.engine.step()
+    assert harness.engine.stats().extra["used_slots"] == 4
+    for request in requests:
+        harness.engine.abort(request.request_id)
+    stats = harness.engine.stats()
+    assert stats.extra["used_slots"] == 0 and stats.cache_used_tokens == 0 and stats.num_running == 0
+    assert not harness.engine.scheduler.has_work
+
+
+def test_over_length_and_queue_full(tmp_path) -> None:
+    from model_runtime.tiny import write_tiny_checkpoint
+
+    path = write_tiny_checkpoint(tmp_path / "ckpt")
+    small = Harness(path, max_model_len=64, max_num_seqs=2, max_waiting=1)
+    with pytest.raises(PromptTooLongError) as info:
+        small.add("long", CHATS["one image"], GREEDY)
+    assert "64" in info.value.message and "max_model_len" in info.value.message
+    with pytest.raises(PromptTooLongError):
+        small.add("len", CHATS["text"], SamplingParams(max_tokens=60))
+    small.add("q1", ChatInput((user("hi"),)), SamplingParams(max_tokens=4))
+    with pytest.raises(QueueFullError):
+        small.add("q2", ChatInput((user("hi"),)), SamplingParams(max_tokens=4))
+
+
+def test_a_failing_request_leaves_the_others_running(harness: Harness) -> None:
+    def explode(request: Request) -> None:
+        if request.request_id == "bad":
+            raise RuntimeError("injected")
+
+    harness.engine.fault_hook = explode
+    try:
+        good = harness.add("good", CHATS["text"], GREEDY)
+        harness.add("bad", CHATS["one image"], GREEDY)
+        harness.run()
+    finally:
+        harness.engine.fault_hook = None
+    assert len(good.seqs[0].output_ids) > 0 and good.seqs[0].finish_reason in ("stop", "length")
+    last = harness.outputs["bad"][-1]
+    assert last.finished and isinstance(last.error, RequestFailedError) and "injected" not in last.error.message
+    assert harness.engine.stats().extra["used_slots"] == 0
+
+
+def test_chunked_prefill_matches(tmp_path) -> None:
+    from model_runtime.tiny import write_tiny_checkpoint
+
+    path = write_tiny_checkpoint(tmp_path / "ckpt")
+    chunked = Harness(path, max_num_batched_tokens=100, max_num_seqs=4)
+    request = chunked.add("long", CHATS["one image"], GREEDY)
+    other = chunked.add("short", CHATS["text"], GREEDY)
+    chunked.run()
+    assert request.prompt_len > 250  # three chunks of at most 100 tokens
+    assert request.seqs[0].output_ids == chunked.reference(chunked.request("r", CHATS["one image"], GREEDY), 12)
+    assert other.seqs[0].output_ids == chunked.reference(chunked.request("r2", CHATS["text"], GREEDY), 12)
