@@ -1,0 +1,107 @@
+"""The worker's async API on the tiny model: streaming, aborts on close, errors before output, health."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from model_runtime.config import EngineConfig
+from model_runtime.errors import EngineDeadError, InvalidRequestError, MediaError, PromptTooLongError
+from model_runtime.request import ChatInput, ImageInput, Message
+from model_runtime.sampling_params import SamplingParams
+from model_runtime.worker import Worker
+
+
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory):
+    from model_runtime.tiny import write_tiny_checkpoint
+
+    path = write_tiny_checkpoint(tmp_path_factory.mktemp("worker"))
+    worker = Worker.start(EngineConfig(model=str(path), max_model_len=2048, max_num_seqs=8))
+    yield worker
+    asyncio.run(worker.shutdown())
+
+
+def chat(text: str = "Hello there") -> ChatInput:
+    return ChatInput((Message("user", (text,)),))
+
+
+async def collect(worker: Worker, rid: str, params: SamplingParams, content: ChatInput | None = None):
+    outputs = []
+    async for output in worker.generate(rid, content or chat(), params):
+        outputs.append(output)
+    return outputs
+
+
+def test_ready_after_start(worker: Worker) -> None:
+    assert worker.health == "ready"
+    assert worker.info.max_model_len == 2048 and worker.info.template == "internvl2_5"
+
+
+def test_concurrent_streams_complete(worker: Worker) -> None:
+    async def main():
+        params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+        return await asyncio.gather(*(collect(worker, f"c{i}", params) for i in range(6)))
+
+    results = asyncio.run(main())
+    for outputs in results:
+        assert outputs[-1].finished and outputs[-1].completion_tokens == 16
+        assert sum(len(d.token_ids) for o in outputs for d in o.deltas) == 16
+    texts = {"".join(d.text for o in outs for d in o.deltas) for outs in results}
+    assert len(texts) == 1  # the same greedy prompt gives the same text in every stream
+
+
+def test_closing_the_stream_aborts_and_frees(worker: Worker) -> None:
+    async def main():
+        stream = worker.generate("gone", chat(), SamplingParams(max_tokens=500, ignore_eos=True))
+        await stream.__anext__()
+        await stream.aclose()  # what the server does when the client disconnects
+        for _ in range(100):
+            await asyncio.sleep(0.02)
+            stats = worker.stats()
+            if stats.num_running == 0 and stats.extra["used_slots"] == 0:
+                return stats
+        return worker.stats()
+
+    stats = asyncio.run(main())
+    assert stats.num_running == 0 and stats.num_waiting == 0 and stats.cache_used_tokens == 0
+
+
+def test_errors_arrive_before_any_output(worker: Worker) -> None:
+    async def first(content, params):
+        return await worker.generate("e", content, params).__anext__()
+
+    with pytest.raises(InvalidRequestError) as info:
+        asyncio.run(first(chat(), SamplingParams(temperature=5.0)))
+    assert info.value.param == "temperature"
+    with pytest.raises(PromptTooLongError):
+        asyncio.run(first(chat("word " * 3000), SamplingParams(max_tokens=10)))
+    with pytest.raises(MediaError):
+        asyncio.run(first(ChatInput((Message("user", (ImageInput(b"not an image"), "hi")),)), SamplingParams()))
+
+
+def test_dead_engine_refuses(tmp_path) -> None:
+    from model_runtime.tiny import write_tiny_checkpoint
+
+    worker = Worker.start(EngineConfig(model=str(write_tiny_checkpoint(tmp_path / "m"))))
+
+    def fatal(request):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    worker.engine.fault_hook = fatal
+
+    async def main():
+        outputs = await collect(worker, "x", SamplingParams(max_tokens=4))
+        for _ in range(50):
+            if worker.health == "dead":
+                break
+            await asyncio.sleep(0.02)
+        return outputs
+
+    outputs = asyncio.run(main())
+    assert worker.health == "dead"
+    assert isinstance(outputs[-1].error, EngineDeadError)
+    with pytest.raises(EngineDeadError):
+        asyncio.run(collect(worker, "y", SamplingParams(max_tokens=4)))
+    asyncio.run(worker.shutdown())
