@@ -40,7 +40,7 @@ class Worker:
         self.processor = Processor(loaded, config)
         self.info = ModelInfo(
             max_model_len=loaded.max_model_len,
-            max_tiles_per_image=min(max(loaded.max_tiles, 1), config.max_tiles_ceiling),
+            max_tiles_per_image=config.max_tiles_ceiling,  # what detail=high asks for
             default_tiles_per_image=loaded.max_tiles,
             default_frames_per_video=config.frames_per_video,
             template=loaded.template.name,

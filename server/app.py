@@ -1,0 +1,102 @@
+"""create_app(settings, engine): the FastAPI application around one engine."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+
+from model_runtime.engine_client import EngineClient
+from server.chat import ChatService
+from server.errors import install_error_handlers
+from server.media import MediaFetcher
+from server.metrics import Metrics
+from server.middleware import APIKeyMiddleware, BodyLimitMiddleware, DrainMiddleware, RequestContextMiddleware
+from server.routes import router
+from server.settings import Settings
+from server.state import ServerState
+
+logger = logging.getLogger(__name__)
+
+HEALTH_PATH = "/health"
+METRICS_PATH = "/metrics"
+
+
+def create_app(
+    settings: Settings,
+    engine: EngineClient,
+    *,
+    default_model_name: str | None = None,
+    fetcher: MediaFetcher | None = None,
+) -> FastAPI:
+    """The app serving `engine`. The engine's lifetime belongs to the caller (the CLI starts it
+    before and shuts it down after); the lifespan here closes what the app itself opened."""
+    names = list(settings.served_model_name) or [default_model_name or _name_from_model(settings.model)]
+    metrics = Metrics(names[0], engine)
+    fetcher = fetcher or MediaFetcher(settings)
+    state = ServerState(
+        settings=settings,
+        engine=engine,
+        model_names=names,
+        metrics=metrics,
+        fetcher=fetcher,
+        chat=ChatService(settings, engine, fetcher, metrics, names),
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        logger.info("serving model(s) %s", ", ".join(names))
+        try:
+            yield
+        finally:
+            await fetcher.aclose()
+
+    app = FastAPI(
+        title="internvl-serve",
+        lifespan=lifespan,
+        middleware=_middleware(settings, state),
+        docs_url=None,
+        redoc_url=None,
+        # Accept JSON bodies sent without a Content-Type, as OpenAI's API does.
+        strict_content_type=False,
+    )
+    app.state.server = state
+    install_error_handlers(app)
+    app.include_router(router)
+    return app
+
+
+def begin_drain(app: FastAPI) -> None:
+    """From now on: /health is 503 and new requests get 503; in-flight ones carry on."""
+    app.state.server.draining = True
+
+
+def _middleware(settings: Settings, state: ServerState) -> list[Middleware]:
+    """Outermost first. CORS sits outside the key check so browsers' preflights are answered."""
+    public = {HEALTH_PATH} if settings.metrics_require_auth else {HEALTH_PATH, METRICS_PATH}
+    stack = [Middleware(RequestContextMiddleware)]
+    if settings.cors_allow_origins:
+        stack.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=settings.cors_allow_origins,
+                allow_methods=["GET", "POST", "OPTIONS"],
+                allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
+                expose_headers=["X-Request-Id", "Retry-After"],
+            )
+        )
+    stack += [
+        Middleware(DrainMiddleware, is_draining=lambda: state.draining, exempt={HEALTH_PATH, METRICS_PATH}),
+        Middleware(APIKeyMiddleware, api_keys=settings.api_keys, public_paths=public),
+        Middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes),
+    ]
+    return stack
+
+
+def _name_from_model(model: str | None) -> str:
+    """Fallback served name: the --model value as given (as vLLM does)."""
+    return model or "internvl"

@@ -1,0 +1,390 @@
+"""Chat completions: protocol request -> engine request, and engine outputs -> response or SSE.
+
+Order of work for one request: model name, sampling parameters and media counts are checked
+first (cheap 4xx); then media are fetched concurrently; then the engine is asked for the first
+output, which is when it reports request errors, so they still get a proper status; only then do
+headers go out. A client that leaves at any point closes the engine's generator, which aborts
+the request in the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import anyio
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from model_runtime.engine_client import EngineClient, ModelInfo
+from model_runtime.errors import InvalidRequestError
+from model_runtime.request import ChatInput, ImageInput, Message, Part, RequestOutput, VideoInput
+from model_runtime.sampling_params import SamplingParams
+from server.chat_output import ChunkWriter, CompletionBuilder, StreamState
+from server.errors import BadRequestError, NotFoundError, ServiceUnavailableError, to_api_error
+from server.media import MediaFetcher, MediaKind
+from server.metrics import Metrics, RequestTracker
+from server.protocol import (
+    ChatCompletion,
+    ChatCompletionRequest,
+    ImagePart,
+    ImageURL,
+    TextPart,
+    VideoPart,
+    VideoURL,
+)
+from server.settings import Settings
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away"; never seen by the client
+DISCONNECTED = "client_disconnected"  # error_type label in metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# Request -> engine request (pure helpers).
+
+
+def image_tiles(image: ImageURL, info: ModelInfo) -> int | None:
+    """Tiles for one image: `max_dynamic_patch` wins over `detail`; None = the model's default."""
+    if image.max_dynamic_patch is not None:
+        return min(image.max_dynamic_patch, info.max_tiles_per_image)
+    if image.detail == "low":
+        return 1
+    if image.detail == "high":
+        return info.max_tiles_per_image
+    return None
+
+
+def video_frames(video: VideoURL, settings: Settings) -> int | None:
+    return None if video.num_frames is None else min(video.num_frames, settings.max_frames_per_video)
+
+
+def video_tiles(video: VideoURL, info: ModelInfo) -> int | None:
+    return None if video.max_dynamic_patch is None else min(video.max_dynamic_patch, info.max_tiles_per_image)
+
+
+def sampling_params(req: ChatCompletionRequest, settings: Settings, info: ModelInfo) -> SamplingParams:
+    """Validated SamplingParams; errors name the field the client actually sent."""
+    ceiling = settings.max_tokens_ceiling or info.max_model_len
+    requested = req.requested_max_tokens
+    if requested is not None and requested > ceiling:
+        raise BadRequestError(
+            f"'{req.max_tokens_param}' is {requested}; this server allows at most {ceiling}.",
+            param=req.max_tokens_param,
+            code="invalid_value",
+        )
+    try:
+        return req.to_sampling_params(default_max_tokens=settings.default_max_tokens).validate(
+            max_n=settings.max_n
+        )
+    except InvalidRequestError as exc:
+        param = req.max_tokens_param if exc.param == "max_tokens" else exc.param
+        raise BadRequestError(exc.message, param=param, code="invalid_value") from None
+
+
+@dataclass(frozen=True)
+class MediaJob:
+    """One image or video to fetch, with its engine-side limits already clamped."""
+
+    kind: MediaKind
+    url: str
+    param: str
+    max_tiles: int | None = None
+    num_frames: int | None = None
+
+
+PlannedPart = str | MediaJob
+
+
+def plan_messages(
+    req: ChatCompletionRequest, settings: Settings, info: ModelInfo
+) -> list[tuple[str, list[PlannedPart]]]:
+    """Roles and parts in order, media not yet fetched; counts checked here, before any fetch."""
+    planned: list[tuple[str, list[PlannedPart]]] = []
+    images = videos = 0
+    for i, message in enumerate(req.messages):
+        role = "system" if message.role == "developer" else message.role
+        parts: list[PlannedPart] = []
+        for j, part in enumerate(message.content or []):
+            where = f"messages[{i}].content[{j}]"
+            if isinstance(part, TextPart):
+                parts.append(part.text)
+                continue
+            if role != "user":
+                raise BadRequestError(
+                    f"Only user messages may contain images or videos ({where}).", param=where
+                )
+            if isinstance(part, ImagePart):
+                images += 1
+                parts.append(
+                    MediaJob(
+                        "image",
+                        part.image_url.url,
+                        f"{where}.image_url.url",
+                        image_tiles(part.image_url, info),
+                    )
+                )
+            elif isinstance(part, VideoPart):
+                videos += 1
+                v = part.video_url
+                parts.append(
+                    MediaJob(
+                        "video",
+                        v.url,
+                        f"{where}.video_url.url",
+                        video_tiles(v, info),
+                        video_frames(v, settings),
+                    )
+                )
+        planned.append((role, parts))
+    if images > settings.max_images_per_request:
+        raise BadRequestError(
+            f"Too many images: {images}; at most {settings.max_images_per_request} per request.",
+            param="messages",
+            code="too_many_images",
+        )
+    if videos > settings.max_videos_per_request:
+        raise BadRequestError(
+            f"Too many videos: {videos}; at most {settings.max_videos_per_request} per request.",
+            param="messages",
+            code="too_many_videos",
+        )
+    return planned
+
+
+async def fetch_media(planned: list[tuple[str, list[PlannedPart]]], fetcher: MediaFetcher) -> ChatInput:
+    """Fetch every media part concurrently; the first failure cancels the rest."""
+    jobs = [part for _, parts in planned for part in parts if isinstance(part, MediaJob)]
+    tasks = [asyncio.ensure_future(fetcher.fetch(job.url, job.kind, job.param)) for job in jobs]
+    try:
+        blobs = await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+    fetched = iter(blobs)  # in the order the jobs were listed, which is the order walked below
+    messages = []
+    for role, parts in planned:
+        out: list[Part] = []
+        for part in parts:
+            if isinstance(part, str):
+                out.append(part)
+            elif part.kind == "image":
+                out.append(ImageInput(next(fetched), max_tiles=part.max_tiles))
+            else:
+                out.append(
+                    VideoInput(next(fetched), num_frames=part.num_frames, max_tiles_per_frame=part.max_tiles)
+                )
+        messages.append(Message(role=role, parts=tuple(out)))  # type: ignore[arg-type]
+    return ChatInput(messages=tuple(messages))
+
+
+# ---------------------------------------------------------------------------------------------
+# Orchestration.
+
+
+class ChatService:
+    """Serves POST /v1/chat/completions against one engine."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        engine: EngineClient,
+        fetcher: MediaFetcher,
+        metrics: Metrics,
+        model_names: list[str],
+    ) -> None:
+        self._settings = settings
+        self._engine = engine
+        self._fetcher = fetcher
+        self._metrics = metrics
+        self._model_names = model_names
+
+    def resolve_model(self, name: str | None) -> str:
+        if name is None:
+            return self._model_names[0]
+        if name not in self._model_names:
+            raise NotFoundError(f"The model '{name}' does not exist.", param="model", code="model_not_found")
+        return name
+
+    async def create(self, req: ChatCompletionRequest, request: Request) -> Response:
+        tracker = self._metrics.track()
+        try:
+            response = await cancel_on_disconnect(request, self._create(req, tracker))
+        except Exception as exc:
+            err = to_api_error(exc)
+            tracker.failed(err.code or err.error_type)
+            raise err from None
+        if response.status_code == CLIENT_CLOSED_REQUEST:
+            tracker.failed(DISCONNECTED)
+        return response
+
+    async def _create(self, req: ChatCompletionRequest, tracker: RequestTracker) -> Response:
+        model = self.resolve_model(req.model)
+        if self._engine.health != "ready":
+            raise ServiceUnavailableError(
+                "The engine is not ready; retry shortly.", code="engine_unavailable"
+            )
+        info = self._engine.info
+        params = sampling_params(req, self._settings, info)
+        planned = plan_messages(req, self._settings, info)
+        chat = await fetch_media(planned, self._fetcher)
+        # Server-made and unguessable: a client-chosen id could collide with (and abort) another's.
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        outputs = self._engine.generate(request_id, chat, params)
+        try:
+            first = await anext(outputs)
+        except BaseException:
+            await close_quietly(outputs)
+            raise
+        writer = ChunkWriter(request_id, int(time.time()), model)
+        if req.stream:
+            events = stream_events(writer, params.n, req.include_usage, first, outputs, tracker)
+            return EngineStreamResponse(events, on_close=lambda: close_quietly(outputs))
+        try:
+            completion = await collect(writer, params.n, first, outputs, tracker)
+        finally:
+            await close_quietly(outputs)
+        return Response(completion.model_dump_json(), media_type="application/json")
+
+
+async def collect(
+    writer: ChunkWriter,
+    n: int,
+    first: RequestOutput,
+    outputs: AsyncIterator[RequestOutput],
+    tracker: RequestTracker,
+) -> ChatCompletion:
+    """Drain the engine into one ChatCompletion; a failure raises (-> an error status)."""
+    builder = CompletionBuilder(writer, n)
+    out = first
+    while True:
+        tracker.on_output(out)
+        builder.add(out)
+        if out.finished:
+            break
+        try:
+            out = await anext(outputs)
+        except StopAsyncIteration:
+            break
+    completion = builder.build()
+    tracker.finished(out, [c.finish_reason for c in completion.choices])
+    return completion
+
+
+async def stream_events(
+    writer: ChunkWriter,
+    n: int,
+    include_usage: bool,
+    first: RequestOutput,
+    outputs: AsyncIterator[RequestOutput],
+    tracker: RequestTracker,
+) -> AsyncIterator[str]:
+    """OpenAI's sequence: role chunk per choice, content deltas, finish chunks, usage chunk, [DONE].
+
+    A failure after the headers went out becomes an error event followed by [DONE].
+    """
+    state = StreamState(writer, n)
+    try:
+        for index in range(n):
+            yield writer.role(index)
+        out = first
+        while True:
+            tracker.on_output(out)
+            for event in state.events_for(out):
+                yield event
+            if out.finished:
+                break
+            try:
+                out = await anext(outputs)
+            except StopAsyncIteration:
+                break
+        for event in state.close():
+            yield event
+        tracker.finished(out, state.finish_reasons())
+        if include_usage:
+            yield writer.usage(out)
+    except Exception as exc:
+        err = to_api_error(exc)
+        tracker.failed(err.code or err.error_type)
+        yield writer.error(err)
+    except (asyncio.CancelledError, GeneratorExit):
+        tracker.failed(DISCONNECTED)  # the client left (or the drain timed out): nothing more to send
+        raise
+    finally:
+        await close_quietly(outputs)
+    yield writer.done()
+
+
+# ---------------------------------------------------------------------------------------------
+# Disconnects and cleanup.
+
+
+async def close_quietly(outputs: AsyncIterator[RequestOutput]) -> None:
+    """Close the engine's generator (which aborts the request), even inside a cancelled scope."""
+    aclose = getattr(outputs, "aclose", None)
+    if aclose is None:
+        return
+    with anyio.CancelScope(shield=True):
+        try:
+            await aclose()
+        except Exception:
+            logger.exception("closing the engine stream failed")
+
+
+class EngineStreamResponse(StreamingResponse):
+    """A StreamingResponse that closes the engine stream on every exit, even if it never started."""
+
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], Awaitable[None]]) -> None:
+        super().__init__(
+            content,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._on_close()
+
+
+async def cancel_on_disconnect(request: Request, work: Coroutine[Any, Any, T]) -> T | Response:
+    """Run `work`, cancelling it if the client disconnects first (so the engine aborts at once)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    try:
+        await task
+    except BaseException as exc:  # the work's own cancellation, or an error it raised on the way out
+        if not isinstance(exc, asyncio.CancelledError):
+            logger.debug("request ended with %s after the client left", type(exc).__name__)
+    logger.info("client disconnected; request cancelled")
+    return Response(status_code=CLIENT_CLOSED_REQUEST)
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return

@@ -1,0 +1,190 @@
+"""`internvl-serve`: read Settings, start the engine, serve with uvicorn, drain on SIGTERM.
+
+Exit codes: 0 after a signal-initiated drain; 1 if the engine died (after /health has reported
+503 for a moment, so orchestrators see why) or failed to load; 2 for invalid settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Generator, Mapping, Sequence
+from types import FrameType
+
+import uvicorn
+
+from model_runtime.engine_client import EngineClient
+from server.app import begin_drain, create_app
+from server.log import configure_logging
+from server.settings import Settings, SettingsError, field_kind
+
+logger = logging.getLogger(__name__)
+
+DEMO_MODEL = "demo"
+DEAD_POLL_S = 1.0
+DEAD_EXIT_GRACE_S = 2.0  # time /health spends reporting 503 before the process exits
+FLAG_NAMES: dict[str, list[str]] = {"api_keys": ["--api-key", "--api-keys"]}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """One flag per Settings field; flags left out do not override the environment or the file."""
+    parser = argparse.ArgumentParser(
+        prog="internvl-serve",
+        description="OpenAI-compatible server for InternVL models. Every flag is also an INTERNVL_* "
+        "environment variable and a key of the --config YAML file (CLI > env > file > defaults).",
+    )
+    parser.add_argument(
+        "--config", default=argparse.SUPPRESS, help="YAML file of settings (env: INTERNVL_CONFIG)"
+    )
+    for name, info in Settings.model_fields.items():
+        flags = FLAG_NAMES.get(name, ["--" + name.replace("_", "-")])
+        default = "(hidden)" if name == "api_keys" else info.get_default(call_default_factory=True)
+        help_text = f"{info.description or name.replace('_', ' ')} (default: {default})"
+        kind = field_kind(name)
+        if kind == "bool":
+            parser.add_argument(
+                *flags,
+                dest=name,
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=help_text,
+            )
+        elif kind == "list":
+            parser.add_argument(
+                *flags,
+                dest=name,
+                nargs="+",
+                action="extend",
+                default=argparse.SUPPRESS,
+                metavar="VALUE",
+                help=help_text + "; several values, or comma-separated",
+            )
+        else:
+            parser.add_argument(*flags, dest=name, default=argparse.SUPPRESS, metavar="VALUE", help=help_text)
+    return parser
+
+
+def parse_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Settings:
+    parser = build_parser()
+    values = vars(parser.parse_args(argv))
+    try:
+        return Settings.load(values, environ)
+    except SettingsError as exc:
+        parser.error(str(exc))  # exits 2
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    settings = parse_settings(argv, os.environ)
+    configure_logging(settings.log_level)
+    sys.exit(asyncio.run(run(settings)))
+
+
+async def run(settings: Settings) -> int:
+    """Load the model (in a thread: it blocks for a long while), then serve until told to stop."""
+    from model_runtime.errors import CheckpointError  # noqa: I001  (lazy: the runtime imports torch)
+    from model_runtime.worker import Worker
+
+    if not settings.model:
+        logger.error("no model given: use --model <dir | hub id | demo> or INTERNVL_MODEL")
+        return 2
+    model_path = settings.model
+    if model_path == DEMO_MODEL:
+        from model_runtime.tiny import ensure_demo_checkpoint
+
+        model_path = await asyncio.to_thread(ensure_demo_checkpoint)
+        logger.info(
+            "serving the demo model (tiny, random weights: its answers are noise) from %s", model_path
+        )
+    try:
+        worker = await asyncio.to_thread(Worker.start, settings.to_engine_config(model_path))
+    except CheckpointError as exc:
+        logger.error("cannot load the model: %s", exc)
+        return 1
+    try:
+        default_name = DEMO_MODEL if settings.model == DEMO_MODEL else worker.served_model_default_name
+        return await serve(settings, worker, default_model_name=default_name)
+    finally:
+        await worker.shutdown()
+
+
+async def serve(settings: Settings, engine: EngineClient, *, default_model_name: str | None = None) -> int:
+    """Serve `engine` until a signal (exit 0 after draining) or its death (exit 1)."""
+    app = create_app(settings, engine, default_model_name=default_model_name)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        log_level=settings.log_level,
+        lifespan="on",
+        timeout_graceful_shutdown=settings.drain_timeout_s,  # type: ignore[arg-type]
+    )
+    server = DrainingServer(config, on_exit_signal=lambda: begin_drain(app))
+    died = False
+
+    def on_dead() -> None:
+        nonlocal died
+        died = True
+        server.should_exit = True
+
+    watchdog = asyncio.create_task(watch_engine(engine, on_dead))
+    try:
+        await server.serve()
+    finally:
+        watchdog.cancel()
+    return 1 if died else 0
+
+
+async def watch_engine(
+    engine: EngineClient,
+    on_dead: Callable[[], None],
+    *,
+    poll_s: float = DEAD_POLL_S,
+    grace_s: float = DEAD_EXIT_GRACE_S,
+) -> None:
+    """Call `on_dead` once the engine is dead; /health has been answering 503 during `grace_s`."""
+    while engine.health != "dead":
+        await asyncio.sleep(poll_s)
+    logger.critical(
+        "the engine is dead; exiting in %.1f s so that the orchestrator restarts the server", grace_s
+    )
+    await asyncio.sleep(grace_s)
+    on_dead()
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn.Server that marks the app draining on SIGTERM/SIGINT, and exits 0 afterwards.
+
+    uvicorn re-raises a captured signal once it has shut down, which would end the process
+    "killed by SIGTERM"; a drained server should report success instead.
+    """
+
+    def __init__(self, config: uvicorn.Config, *, on_exit_signal: Callable[[], None]) -> None:
+        super().__init__(config)
+        self._on_exit_signal = on_exit_signal
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self._on_exit_signal()
+        super().handle_exit(sig, frame)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        original = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in original.items():
+                signal.signal(sig, handler)
+
+
+if __name__ == "__main__":
+    main()

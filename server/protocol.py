@@ -1,0 +1,319 @@
+"""Pydantic models of OpenAI's chat-completions API, fields in the order of OpenAI's reference.
+
+Requests accept and ignore unknown fields (frontends send many) and log them at debug. Our
+extensions are fenced in marked sections. Range checks live in `SamplingParams.validate`, so that
+one place names the offending field.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
+
+from model_runtime.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class OpenAIRequestModel(BaseModel):
+    """Base of request models: unknown fields are logged at debug and dropped."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _log_unknown_fields(cls, data: Any) -> Any:
+        if isinstance(data, dict) and logger.isEnabledFor(logging.DEBUG):
+            unknown = sorted(str(k) for k in data if k not in cls.model_fields)
+            if unknown:
+                logger.debug("ignoring unknown fields in %s: %s", cls.__name__, unknown)
+        return data
+
+
+# ---------------------------------------------------------------------------------------------
+# Request: messages and their content parts.
+
+
+class ImageURL(OpenAIRequestModel):
+    """An image by URL: https://, http:// or data:image/...;base64."""
+
+    url: str
+    detail: Literal["auto", "low", "high"] = "auto"
+    # --- extension: tiles for this image, clamped to the server's ceiling ---
+    max_dynamic_patch: int | None = Field(None, ge=1)
+
+
+class VideoURL(OpenAIRequestModel):
+    """A video by URL: https://, http:// or data:video/...;base64."""
+
+    url: str
+    # --- extensions: frames sampled and tiles per frame, clamped to the server's ceilings ---
+    num_frames: int | None = Field(None, ge=1)
+    max_dynamic_patch: int | None = Field(None, ge=1)
+
+
+class TextPart(OpenAIRequestModel):
+    """A text content part."""
+
+    type: Literal["text"]
+    text: str
+
+
+class ImagePart(OpenAIRequestModel):
+    """An image content part."""
+
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+    @field_validator("image_url", mode="before")
+    @classmethod
+    def _bare_url(cls, value: Any) -> Any:
+        # Some clients send "image_url": "https://..." instead of an object.
+        return {"url": value} if isinstance(value, str) else value
+
+
+class VideoPart(OpenAIRequestModel):
+    """Extension: OpenAI has no video input; the shape follows vLLM's `video_url`."""
+
+    type: Literal["video_url"]
+    video_url: VideoURL
+
+    @field_validator("video_url", mode="before")
+    @classmethod
+    def _bare_url(cls, value: Any) -> Any:
+        return {"url": value} if isinstance(value, str) else value
+
+
+ContentPart = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]
+
+
+class ChatMessage(OpenAIRequestModel):
+    """One message; a string `content` is stored as a single text part."""
+
+    # "developer" is OpenAI's newer name for "system".
+    role: Literal["developer", "system", "user", "assistant"]
+    content: list[ContentPart] | None = None
+    name: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _string_content(cls, value: Any) -> Any:
+        return [{"type": "text", "text": value}] if isinstance(value, str) else value
+
+
+class StreamOptions(OpenAIRequestModel):
+    """Options of a streaming response."""
+
+    include_usage: bool = False
+
+
+# ---------------------------------------------------------------------------------------------
+# Request: the body of POST /v1/chat/completions.
+
+
+class ChatCompletionRequest(OpenAIRequestModel):
+    """POST /v1/chat/completions."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    model: str | None = None  # None: the first served name
+    frequency_penalty: float | None = None
+    logprobs: bool | None = None
+    max_completion_tokens: int | None = None
+    max_tokens: int | None = None  # deprecated by OpenAI in favour of max_completion_tokens
+    n: int | None = None
+    presence_penalty: float | None = None
+    seed: int | None = None
+    stop: list[str] | None = None  # a single string is accepted and stored as a list
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = None
+    top_logprobs: int | None = None
+    top_p: float | None = None
+    user: str | None = None
+
+    # --- extensions (vLLM's names) ---
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _single_stop(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @property
+    def max_tokens_param(self) -> str:
+        """The name the client used for the output limit, for error messages."""
+        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    def to_sampling_params(self, *, default_max_tokens: int | None = None) -> SamplingParams:
+        """The engine's settings; not yet validated (call `.validate()`)."""
+        max_tokens = self.requested_max_tokens
+        return SamplingParams(
+            n=1 if self.n is None else self.n,
+            max_tokens=default_max_tokens if max_tokens is None else max_tokens,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=0 if self.top_k is None else self.top_k,
+            min_p=0.0 if self.min_p is None else self.min_p,
+            seed=self.seed,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            stop=tuple(self.stop or ()),
+            stop_token_ids=tuple(self.stop_token_ids or ()),
+            logprobs=bool(self.logprobs),
+            top_logprobs=self.top_logprobs or 0,
+            ignore_eos=self.ignore_eos,
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Responses.
+
+FinishReason = Literal["stop", "length"]
+
+
+class TopLogprob(BaseModel):
+    """One alternative token at a position, with its log-probability."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(TopLogprob):
+    """One generated token's log-probability and the top alternatives."""
+
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChoiceLogprobs(BaseModel):
+    """Log-probabilities of a choice's tokens."""
+
+    content: list[TokenLogprob] | None = None
+    refusal: list[TokenLogprob] | None = None
+
+
+class PromptTokensDetails(BaseModel):
+    """Breakdown of the prompt tokens."""
+
+    cached_tokens: int = 0
+    # --- extension: how many of prompt_tokens are image/video tokens ---
+    image_tokens: int = 0
+
+
+class Usage(BaseModel):
+    """Token counts of a request."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
+
+
+class ResponseMessage(BaseModel):
+    """The assistant message of a non-streaming choice."""
+
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+    refusal: str | None = None
+
+
+class Choice(BaseModel):
+    """One choice of a non-streaming response."""
+
+    index: int
+    message: ResponseMessage
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: FinishReason
+
+
+class ChatCompletion(BaseModel):
+    """The non-streaming response."""
+
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+
+class DeltaMessage(BaseModel):
+    """What a streamed chunk adds to a choice's message."""
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_unset(self, handler: Any) -> dict[str, Any]:
+        # OpenAI's deltas carry only what changed: {"role", "content"}, {"content"} or {}.
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class ChunkChoice(BaseModel):
+    """One choice's part of a streamed chunk."""
+
+    index: int
+    delta: DeltaMessage
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: FinishReason | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One server-sent event of a streaming response."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+
+
+class ModelCard(BaseModel):
+    """A served model, as listed by /v1/models."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "internvl-serve"
+    # --- extension ---
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    """The answer of GET /v1/models."""
+
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    """The body of an error: message, type, offending param, code."""
+
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error envelope."""
+
+    error: ErrorDetail

@@ -1,0 +1,52 @@
+"""The endpoints, each a few lines; the work lives in ServerState and ChatService."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from server.protocol import ChatCompletion, ChatCompletionRequest, ErrorResponse, ModelCard, ModelList
+from server.state import ServerState
+
+router = APIRouter()
+
+_ERRORS: dict[int | str, dict[str, object]] = {
+    code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 500, 503)
+}
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.server  # type: ignore[no-any-return]
+
+
+@router.post(
+    "/v1/chat/completions",
+    response_model=ChatCompletion,
+    responses={**_ERRORS, 200: {"content": {"text/event-stream": {}}}},
+)
+async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
+    return await _state(request).chat.create(body, request)
+
+
+@router.get("/v1/models", responses=_ERRORS)
+async def list_models(request: Request) -> ModelList:
+    return _state(request).model_list()
+
+
+@router.get("/v1/models/{model_id:path}", responses=_ERRORS)
+async def retrieve_model(model_id: str, request: Request) -> ModelCard:
+    return _state(request).model_card(model_id)
+
+
+@router.get("/health")
+async def health(request: Request) -> JSONResponse:
+    """200 only when the engine is ready and the server is not draining; 503 otherwise."""
+    state = _state(request)
+    status = "draining" if state.draining else state.engine.health
+    return JSONResponse({"status": status}, status_code=200 if state.ready else 503)
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    return Response(_state(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
