@@ -74,6 +74,8 @@ class Engine:
             max_waiting=config.max_waiting,
         )
         self.requests: dict[str, Request] = {}
+        # Unseeded sampling draws from torch's default generator; seeding it makes a server run repeatable.
+        torch.manual_seed(config.seed)
         self.fault_hook: Callable[[Request], None] | None = None  # tests inject failures here
         log.info("KV cache: %d slots x %d tokens (%.1f MiB)", num_slots, shape.capacity, self.cache.total_bytes / 2**20)
 

@@ -99,8 +99,6 @@ class Settings(BaseModel):
     """e.g. 'auto' to spread a large model over GPUs (needs accelerate)"""
     attn_implementation: str = "auto"
     """auto (flash_attention_2 when installed, else sdpa), sdpa, eager, flash_attention_2"""
-    quantization: str | None = None
-    """None, 8bit or 4bit (bitsandbytes)"""
     allow_pickle: bool = False
     """read .bin (pickle) weights; off because unpickling can run code"""
     template: str | None = None
