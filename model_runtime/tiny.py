@@ -34,6 +34,15 @@ SPECIAL_TOKENS = [
     "</box>",
 ]
 INTERNLM2_EXTRA = ["<s>", "</s>", "<unk>"]
+PHI3_EXTRA = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+# The LLM kinds InternVL uses, the native config class each becomes, and its default template.
+LLM_KINDS = {
+    "qwen2": ("Qwen2ForCausalLM", "internvl2_5"),
+    "qwen3": ("Qwen3ForCausalLM", "internvl2_5"),
+    "llama": ("LlamaForCausalLM", "Hermes-2"),
+    "phi3": ("Phi3ForCausalLM", "phi3-chat"),
+    "internlm2": ("InternLM2ForCausalLM", "internlm2-chat"),
+}
 
 # A small fixed corpus: enough merges for plausible token lengths; byte-level BPE covers any text.
 _CORPUS = [
@@ -79,7 +88,7 @@ def build_tokenizer(llm: str, vocab_size: int):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    specials = SPECIAL_TOKENS + (INTERNLM2_EXTRA if llm == "internlm2" else [])
+    specials = SPECIAL_TOKENS + (INTERNLM2_EXTRA if llm == "internlm2" else []) + (PHI3_EXTRA if llm == "phi3" else [])
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -106,7 +115,7 @@ def build_tokenizer(llm: str, vocab_size: int):
 
 
 def _native_config(shape: TinyShape, llm: str, tokenizer, template: str):
-    from transformers import InternVLConfig, LlamaConfig, Qwen2Config
+    from transformers import AutoConfig, InternVLConfig, LlamaConfig
 
     vocab = max(shape.vocab_size, len(tokenizer))
     common = dict(
@@ -119,8 +128,11 @@ def _native_config(shape: TinyShape, llm: str, tokenizer, template: str):
         max_position_embeddings=32768,
         rms_norm_eps=1e-6,
     )
-    if llm == "qwen2":
-        text = Qwen2Config(rope_theta=1000000.0, tie_word_embeddings=False, **common)
+    if llm != "internlm2":
+        ids = tokenizer.convert_tokens_to_ids
+        common.update(bos_token_id=None, eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"))
+    if llm in ("qwen2", "qwen3", "llama", "phi3"):
+        text = AutoConfig.for_model(llm, rope_theta=1000000.0, tie_word_embeddings=False, **common)
     elif llm == "internlm2":
         text = LlamaConfig(
             rope_theta=1000000.0,
@@ -131,7 +143,7 @@ def _native_config(shape: TinyShape, llm: str, tokenizer, template: str):
             **common,
         )
     else:
-        raise ValueError(f"unknown tiny LLM kind {llm!r}; choose qwen2 or internlm2")
+        raise ValueError(f"unknown tiny LLM kind {llm!r}; choose one of {sorted(LLM_KINDS)}")
     vision = dict(
         hidden_size=shape.vision_hidden,
         intermediate_size=shape.vision_hidden * 4,
@@ -211,8 +223,9 @@ def _original_config(config, llm: str, template: str, tokenizer) -> dict:
         "tie_word_embeddings": False,
         "torch_dtype": "bfloat16",
     }
-    if llm == "qwen2":
-        llm_config = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", **base}
+    if llm != "internlm2":
+        ids = {"bos_token_id": t.bos_token_id, "eos_token_id": t.eos_token_id, "pad_token_id": t.pad_token_id}
+        llm_config = {"architectures": [LLM_KINDS[llm][0]], "model_type": llm, **base, **ids}
     else:
         llm_config = {
             "architectures": ["InternLM2ForCausalLM"],
@@ -266,7 +279,9 @@ def write_tiny_checkpoint(
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     shape = SHAPES[size]
-    template = template or ("internlm2-chat" if llm == "internlm2" else "internvl2_5")
+    if llm not in LLM_KINDS:
+        raise ValueError(f"unknown tiny LLM kind {llm!r}; choose one of {sorted(LLM_KINDS)}")
+    template = template or LLM_KINDS[llm][1]
     tokenizer = build_tokenizer(llm, shape.vocab_size)
     config = _native_config(shape, llm, tokenizer, template)
     model = _random_model(config, seed)
@@ -309,7 +324,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Write a deterministic random-weight InternVL checkpoint.")
     parser.add_argument("output", help="directory to write")
     parser.add_argument("--layout", choices=["original", "hf"], default="original")
-    parser.add_argument("--llm", choices=["qwen2", "internlm2"], default="qwen2")
+    parser.add_argument("--llm", choices=sorted(LLM_KINDS), default="qwen2")
     parser.add_argument("--size", choices=sorted(SHAPES), default="tiny")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--template", default=None, help="conversation template recorded in config.json")

@@ -254,3 +254,14 @@ def test_chunked_prefill_matches(tmp_path) -> None:
     assert request.prompt_len > 250  # three chunks of at most 100 tokens
     assert request.seqs[0].output_ids == chunked.reference(chunked.request("r", CHATS["one image"], GREEDY), 12)
     assert other.seqs[0].output_ids == chunked.reference(chunked.request("r2", CHATS["text"], GREEDY), 12)
+
+
+@pytest.mark.parametrize("llm", ["qwen3", "llama", "phi3"])
+def test_other_llm_kinds_match_transformers_generate(llm: str, tmp_path) -> None:
+    from model_runtime.tiny import write_tiny_checkpoint
+
+    other = Harness(write_tiny_checkpoint(tmp_path / llm, llm=llm))
+    requests = [other.add(f"{llm}-{name}", CHATS[name], GREEDY) for name in ("text", "one image")]
+    other.run()
+    for request, name in zip(requests, ("text", "one image"), strict=True):
+        assert request.seqs[0].output_ids == other.reference(other.request("r", CHATS[name], GREEDY), 12)
