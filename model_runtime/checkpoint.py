@@ -60,7 +60,7 @@ class LoadedCheckpoint:
     dtype: torch.dtype
 
 
-def resolve_checkpoint(model: str, revision: str | None = None) -> Path:
+def resolve_checkpoint(model: str, revision: str | None = None, *, allow_pickle: bool = False) -> Path:
     """A local directory as is; otherwise a hub id through the Hugging Face cache (offline when cached)."""
     path = Path(model).expanduser()
     if path.is_dir():
@@ -70,6 +70,8 @@ def resolve_checkpoint(model: str, revision: str | None = None) -> Path:
     from huggingface_hub import snapshot_download
 
     patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "tokenizer*"]
+    if allow_pickle:
+        patterns.append("pytorch_model*.bin")
     try:
         return Path(snapshot_download(model, revision=revision, allow_patterns=patterns))
     except Exception as first:  # noqa: BLE001 - offline, gated or unknown id: try the cache alone
@@ -332,7 +334,7 @@ def load_checkpoint(engine: EngineConfig) -> LoadedCheckpoint:
     from transformers import InternVLForConditionalGeneration
     from transformers.initialization import no_init_weights
 
-    path = resolve_checkpoint(engine.model, engine.revision)
+    path = resolve_checkpoint(engine.model, engine.revision, allow_pickle=engine.allow_pickle)
     parsed = parse_config(path)
     tokenizer = load_tokenizer(path)
     config = parsed.config
