@@ -322,6 +322,25 @@ def load_tokenizer(path: Path):
         raise CheckpointError(f"{path}: no usable tokenizer (tokenizer.json or tokenizer.model): {exc}") from None
 
 
+def _choose_template(engine: EngineConfig, parsed: _Parsed, path: Path) -> ConversationTemplate:
+    if engine.template:
+        source, name = "the template setting", engine.template
+    elif parsed.template_name:
+        source, name = f"{path / 'config.json'} ('template')", parsed.template_name
+    else:
+        try:
+            return get_template(template_for_hf_checkpoint(parsed.llm_kind))
+        except CheckpointError:
+            raise CheckpointError(
+                f"{path / 'config.json'}: no InternVL template is known for text model type "
+                f"{parsed.llm_kind!r}; choose one with the template setting"
+            ) from None
+    try:
+        return get_template(name)
+    except CheckpointError as exc:
+        raise CheckpointError(f"unknown conversation template {name!r} from {source}: {exc}") from None
+
+
 def _token_id(tokenizer, token: str, path: Path) -> int:
     token_id = tokenizer.convert_tokens_to_ids(token)
     if token_id is None or token_id == tokenizer.unk_token_id:
@@ -341,11 +360,7 @@ def load_checkpoint(engine: EngineConfig) -> LoadedCheckpoint:
     config.image_token_id = _token_id(tokenizer, "<IMG_CONTEXT>", path)
     for token in ("<img>", "</img>"):
         _token_id(tokenizer, token, path)
-    template_name = engine.template or parsed.template_name or template_for_hf_checkpoint(parsed.llm_kind)
-    try:
-        template = get_template(template_name)
-    except Exception:  # noqa: BLE001 - get_template raises a clear error; re-raise as CheckpointError
-        raise CheckpointError(f"{path / 'config.json'}: unknown conversation template {template_name!r}") from None
+    template = _choose_template(engine, parsed, path)
     device, dtype = pick_device_and_dtype(engine)
     config._attn_implementation = pick_attn_implementation(engine.attn_implementation, device)
     config.text_config._attn_implementation = config._attn_implementation
@@ -385,39 +400,60 @@ def load_checkpoint(engine: EngineConfig) -> LoadedCheckpoint:
     )
 
 
+def _expected_source_tensors(model, parsed: _Parsed) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Native tensors to fill, and the names and shapes the checkpoint's files must hold (meta tensors).
+
+    Checking the file's own names and shapes (before any split or rename) lets every error speak
+    the checkpoint's language: `mlp1.1.weight`, a fused `wqkv`, not our internal names.
+    """
+    native = dict(model.state_dict())
+    shapes = {name: torch.empty(tensor.shape, device="meta") for name, tensor in native.items()}
+    if parsed.layout == "original":
+        source = layouts.native_to_original(shapes, llm_kind=parsed.llm_kind, config=parsed.config)
+    else:
+        source = shapes
+    return native, source
+
+
+def _describe(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
 def _load_weights(model, path: Path, parsed: _Parsed, allow_pickle: bool) -> None:
     text = parsed.config.text_config
     heads, kv_heads = text.num_attention_heads, text.num_key_value_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    expected = dict(model.state_dict())
-    seen: set[str] = set()
+    native, source = _expected_source_tensors(model, parsed)
+    seen_source: set[str] = set()
+    seen_native: set[str] = set()
     for file, key, tensor in _read_tensors(weight_files(path, allow_pickle=allow_pickle)):
         if key.endswith(_IGNORED_SUFFIXES):
             continue
+        name = key if parsed.layout == "original" else layouts.hf_legacy_to_native(key)
+        if name not in source:
+            raise CheckpointError(f"{file}: unexpected tensor {key!r}; not a weight of this InternVL config")
+        if tuple(tensor.shape) != tuple(source[name].shape):
+            raise CheckpointError(
+                f"{file}: tensor {key!r} has shape {tuple(tensor.shape)}, but config.json implies "
+                f"{tuple(source[name].shape)}"
+            )
         if parsed.layout == "original":
             pairs = layouts.original_to_native(
                 key, tensor, llm_kind=parsed.llm_kind, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim
             )
         else:
-            pairs = iter([(layouts.hf_legacy_to_native(key), tensor)])
-        for name, value in pairs:
-            if name not in expected:
-                raise CheckpointError(f"{file}: unexpected tensor {key!r} (mapped to {name!r}); not an InternVL weight")
-            if tuple(value.shape) != tuple(expected[name].shape):
-                raise CheckpointError(
-                    f"{file}: tensor {key!r} has shape {tuple(value.shape)}, expected {tuple(expected[name].shape)} "
-                    f"for {name!r} from config.json"
-                )
-            with torch.no_grad():
-                expected[name].copy_(value)
-            seen.add(name)
-    missing = sorted(set(expected) - seen)
-    if missing == ["lm_head.weight"] and text.tie_word_embeddings:
+            pairs = iter([(name, tensor)])
+        with torch.no_grad():
+            for native_name, value in pairs:
+                native[native_name].copy_(value)
+                seen_native.add(native_name)
+        seen_source.add(name)
+    if sorted(set(native) - seen_native) == ["lm_head.weight"] and text.tie_word_embeddings:
         model.tie_weights()
-        missing = []
+        return
+    missing = sorted(set(source) - seen_source)
     if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise CheckpointError(f"{path}: checkpoint is missing weights: {shown}")
+        raise CheckpointError(f"{path}: checkpoint is missing weights: {_describe(missing)}")
 
 
 def _dispatch(model, device_map: str):

@@ -17,7 +17,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from model_runtime.errors import PromptTooLongError, QueueFullError
+from model_runtime.errors import InvalidRequestError, PromptTooLongError, QueueFullError
 from model_runtime.sequence import Request, Sequence, Status
 
 
@@ -91,7 +91,9 @@ class Scheduler:
 
     def add(self, request: Request) -> None:
         if request.n > self.num_slots:
-            raise QueueFullError(f"n={request.n} exceeds the {self.num_slots} sequences this server runs at once")
+            raise InvalidRequestError(
+                f"n={request.n} exceeds the {self.num_slots} sequences this server runs at once", param="n"
+            )
         if len(self.waiting) >= self.max_waiting:
             raise QueueFullError("the server is at capacity (waiting queue full); retry later")
         self.waiting.append(request)

@@ -235,7 +235,7 @@ def _original_config(config, llm: str, template: str, tokenizer) -> dict:
             "rope_scaling": None,
             "bos_token_id": t.bos_token_id,
             "eos_token_id": t.eos_token_id,
-            "pad_token_id": 2,
+            "pad_token_id": tokenizer.pad_token_id,
             **base,
         }
     return {

@@ -1,0 +1,72 @@
+"""Shared fixtures: tiny random InternVL checkpoints written once per session, and cached loads.
+
+Fixtures here stay generic and session-scoped; torch and transformers are imported lazily so the
+pure tests (scheduler, sampling params, templates) never pay for them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+if TYPE_CHECKING:
+    from model_runtime.checkpoint import LoadedCheckpoint
+
+LLM_KINDS = ("qwen2", "internlm2")
+LAYOUTS = ("original", "hf")
+TINY_SEED = 0
+
+
+@pytest.fixture(autouse=True)
+def _skip_gpu_tests_without_cuda(request: pytest.FixtureRequest) -> None:
+    if request.node.get_closest_marker("gpu") is None:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], Path]:
+    """{(llm, layout): directory} for llm in qwen2/internlm2 and layout in original/hf, same seed."""
+    from model_runtime.tiny import write_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("tiny-checkpoints")
+    return {
+        (llm, layout): write_tiny_checkpoint(root / f"{llm}-{layout}", layout=layout, llm=llm, seed=TINY_SEED)
+        for llm in LLM_KINDS
+        for layout in LAYOUTS
+    }
+
+
+@pytest.fixture(scope="session")
+def load_cached() -> Callable[[str | Path], LoadedCheckpoint]:
+    """Load a checkpoint directory on CPU in float32, once per path; callers must not modify it."""
+    from model_runtime.checkpoint import load_checkpoint
+    from model_runtime.config import EngineConfig
+
+    cache: dict[Path, LoadedCheckpoint] = {}
+
+    def load(path: str | Path) -> LoadedCheckpoint:
+        key = Path(path).resolve()
+        if key not in cache:
+            cache[key] = load_checkpoint(EngineConfig(model=str(key), device="cpu", dtype="float32"))
+        return cache[key]
+
+    return load
+
+
+@pytest.fixture(scope="session")
+def loaded(
+    tiny_checkpoints: dict[tuple[str, str], Path], load_cached: Callable[[str | Path], LoadedCheckpoint]
+) -> Callable[[str, str], LoadedCheckpoint]:
+    """`loaded(llm, layout)`: the session's tiny checkpoint of that kind, loaded once."""
+
+    def get(llm: str, layout: str) -> LoadedCheckpoint:
+        return load_cached(tiny_checkpoints[(llm, layout)])
+
+    return get
