@@ -13,8 +13,8 @@ import contextlib
 import io
 import math
 from collections.abc import Sequence
-from typing import Any
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,12 +30,13 @@ DEFAULT_MAX_FRAMES_IN_FILE = 100_000
 DEFAULT_MAX_DURATION_S = 3600.0
 
 # Raster formats only: Pillow's other plugins (EPS via Ghostscript, PSD, ICO, ...) widen the attack
-# surface for no gain. MPO is how Pillow names most phone-camera JPEGs.
-IMAGE_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+# surface for no gain. "JPEG" also opens MPO, the multi-picture JPEG of many phone cameras.
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 _BAD_IMAGE = "could not decode image: unsupported or corrupt data"
 _BAD_VIDEO = "could not decode video: unsupported or corrupt data"
 _HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 _EXIF_ORIENTATION = 0x0112
+_FRAME_BATCH = 8  # video frames decoded per get_batch call
 
 
 # --- tiling -------------------------------------------------------------------------------------
@@ -184,8 +185,7 @@ def preprocess_image(
     parallel: resize the thumbnail on a helper thread while the grid resizes (same pixels; ~1.5x
     faster for large images when a core is free, no gain on a saturated machine).
     """
-    if image.mode != "RGB":
-        image = image.convert("RGB")
+    image = _to_rgb(image)
     cols, rows = choose_grid(*image.size, min_tiles=min_tiles, max_tiles=max_tiles, image_size=image_size)
     return _grid_tensor(image, cols, rows, image_size, use_thumbnail, parallel)
 
@@ -193,7 +193,7 @@ def preprocess_image(
 # --- image decoding -----------------------------------------------------------------------------
 
 
-def _too_large(what: str, pixels: int | str, limit: int) -> MediaTooLargeError:
+def _too_large(what: str, pixels: int, limit: int) -> MediaTooLargeError:
     return MediaTooLargeError(f"{what} has {pixels} pixels, more than the limit of {limit} pixels")
 
 
@@ -213,10 +213,10 @@ def _open_image(data: bytes, max_pixels: int) -> Image.Image:
         image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
     except Image.DecompressionBombError:
         # Pillow refuses over 2x MAX_IMAGE_PIXELS inside open(); its text is not ours to forward.
-        raise _too_large("image", f"more than {2 * bomb}", limit) from None
+        raise MediaTooLargeError(f"image has more than {2 * bomb} pixels; the limit is {limit}") from None
     except Image.DecompressionBombWarning:
         # Over 1x it warns, which is an exception where warnings are errors.
-        raise _too_large("image", f"more than {bomb}", limit) from None
+        raise MediaTooLargeError(f"image has more than {bomb} pixels; the limit is {limit}") from None
     except Exception:
         raise MediaError(_BAD_IMAGE) from None
     width, height = image.size
@@ -253,9 +253,9 @@ def _high_depth_to_8bit(image: Image.Image) -> Image.Image:
             data = np.nan_to_num(data, nan=low, posinf=high, neginf=low)
         if image.mode == "F" and low >= 0.0 and high <= 1.0:
             data = data * 255.0
-        elif low < 0.0 or high > 255.0:
+        elif (low < 0.0 or high > 255.0) and high > low:
             data = (data - low) * (255.0 / (high - low))
-        scaled = np.clip(np.rint(data), 0, 255)
+        scaled = np.clip(np.rint(data), 0, 255)  # also settles a constant image outside 0..255
     return Image.fromarray(scaled.astype(np.uint8))
 
 
@@ -264,9 +264,11 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         return image  # the reference's convert("RGB") would only copy it
     if image.mode in _HIGH_DEPTH_MODES:
         return _high_depth_to_8bit(image).convert("RGB")
-    # Palette transparency never changes convert("RGB")'s pixels (alpha is dropped, as in the
-    # reference), but byte-string transparency makes Pillow warn on every such image.
-    image.info.pop("transparency", None)
+    if "transparency" in image.info:
+        # Palette transparency never changes convert("RGB")'s pixels (alpha is dropped, as in the
+        # reference), but byte-string transparency makes Pillow warn on every such image.
+        image = image.copy()
+        del image.info["transparency"]
     return image.convert("RGB")
 
 
@@ -408,9 +410,7 @@ def load_video(
     if bound is not None and not (
         len(bound) == 2 and all(math.isfinite(t) for t in bound) and bound[0] <= bound[1]
     ):
-        raise InvalidRequestError(
-            f"bound must be (start, end) seconds with start <= end, got {bound}", param="bound"
-        )
+        raise InvalidRequestError("bound must be (start, end) in seconds with start <= end", param="bound")
     if not data or not _looks_like_video(data):
         raise MediaError(_BAD_VIDEO)
     try:
@@ -444,18 +444,25 @@ def load_video(
         raise InvalidRequestError(
             f"bound {bound} lies outside the video, which lasts {duration:.2f} s", param="bound"
         )
-    # Decode each distinct frame once, in file order; then check the size on the first one alone.
+    # Decode each distinct frame once, in file order: the first alone (to check its size before the
+    # others), then a few at a time, tiling each batch before the next so that only a handful of
+    # full-resolution frames is ever held.
     unique, inverse = np.unique(indices, return_inverse=True)
     first = _decode_frames(reader, unique[:1])
     height, width = first.shape[1:3]
     if width * height > max_pixels_per_frame:
         raise _too_large(f"video frame of {width}x{height}", width * height, max_pixels_per_frame)
-    frames = np.concatenate([first, _decode_frames(reader, unique[1:])]) if len(unique) > 1 else first
-    del reader
     cols, rows = choose_grid(width, height, min_tiles=1, max_tiles=max_tiles_per_frame, image_size=image_size)
-    per_frame = [
-        _grid_tensor(Image.fromarray(frame), cols, rows, image_size, use_thumbnail, parallel=False)
-        for frame in frames
-    ]
-    pixels = torch.cat([per_frame[k] for k in inverse.reshape(-1)])
-    return pixels, [per_frame[k].shape[0] for k in inverse.reshape(-1)]
+    per_frame: list[torch.Tensor] = []
+
+    def tile(frames: np.ndarray) -> None:
+        for frame in frames:
+            per_frame.append(
+                _grid_tensor(Image.fromarray(frame), cols, rows, image_size, use_thumbnail, parallel=False)
+            )
+
+    tile(first)
+    for start in range(1, len(unique), _FRAME_BATCH):
+        tile(_decode_frames(reader, unique[start : start + _FRAME_BATCH]))
+    order = inverse.reshape(-1)
+    return torch.cat([per_frame[k] for k in order]), [per_frame[k].shape[0] for k in order]

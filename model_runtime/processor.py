@@ -45,6 +45,7 @@ class Processor:
             image_size=self.loaded.image_size,
             use_thumbnail=self.loaded.use_thumbnail,
             max_pixels=self.config.max_image_pixels,
+            parallel=True,  # the thumbnail resizes beside the grid (Pillow releases the GIL); same pixels
         )
         key = f"{_digest(item.data)}:img:{max_tiles}"
         return [ImageSlot(key=key, num_tiles=pixels.shape[0], pixel_values=pixels)], [pixels.shape[0]]
