@@ -81,7 +81,9 @@ def run_baseline(worker: Worker, chats: list[ChatInput], workload: Workload) -> 
         ids = torch.tensor([request.prompt_ids], device=device)
         kwargs = {}
         if request.images:
-            kwargs["pixel_values"] = torch.cat([im.pixel_values for im in request.images]).to(device, model.dtype)
+            kwargs["pixel_values"] = torch.cat([im.pixel_values for im in request.images]).to(
+                device, model.dtype
+            )
         with torch.inference_mode():
             out = model.generate(
                 input_ids=ids, max_new_tokens=workload.max_tokens, do_sample=False, pad_token_id=0, **kwargs
@@ -131,7 +133,9 @@ def peak_memory_mib(device: torch.device) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--size", default="small", help="tiny, small or 1b (see model_runtime/tiny.py)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
@@ -157,7 +161,9 @@ def main(argv: list[str] | None = None) -> int:
         worker = Worker.start(config)
         device = worker.loaded.device
         print(f"# model: random InternVL '{args.size}', {args.dtype} on {device}; torch {torch.__version__}")
-        print(f"# KV cache: {worker.engine.cache.num_slots} slots x {worker.engine.cache.shape.capacity} tokens")
+        print(
+            f"# KV cache: {worker.engine.cache.num_slots} slots x {worker.engine.cache.shape.capacity} tokens"
+        )
         ok = True
         for key in args.workloads:
             workload = WORKLOADS[key]
@@ -174,9 +180,11 @@ def main(argv: list[str] | None = None) -> int:
                 same = all(outs[i] == base_out[i] for i in range(args.baseline_requests))
                 ok &= same
                 print(f"| {concurrency} | {tps:.1f} | {tps / base_tps:.2f}x | {'yes' if same else 'NO'} |")
-        print(f"\npeak memory: {peak_memory_mib(device):.0f} MiB ({'GPU allocated' if device.type == 'cuda' else 'RSS'})")
+        kind = "GPU allocated" if device.type == "cuda" else "RSS"
+        print(f"\npeak memory: {peak_memory_mib(device):.0f} MiB ({kind})")
         stats = worker.stats()
-        print(f"after the run: running={stats.num_running} waiting={stats.num_waiting} used_slots={stats.extra['used_slots']:.0f}")
+        used = stats.extra["used_slots"]
+        print(f"after the run: running={stats.num_running} waiting={stats.num_waiting} used_slots={used:.0f}")
         asyncio.run(worker.shutdown())
     return 0 if ok else 1
 

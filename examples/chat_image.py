@@ -5,8 +5,10 @@ import os
 
 from openai import OpenAI
 
-client = OpenAI(base_url=os.environ.get("BASE_URL", "http://localhost:8000/v1"), api_key=os.environ.get("API_KEY", "none"))
-image = base64.b64encode(open("docs/example.png", "rb").read()).decode()
+base_url = os.environ.get("BASE_URL", "http://localhost:8000/v1")
+client = OpenAI(base_url=base_url, api_key=os.environ.get("API_KEY", "none"))
+with open("docs/example.png", "rb") as file:
+    image = base64.b64encode(file.read()).decode()
 
 response = client.chat.completions.create(
     model="demo",
@@ -14,7 +16,10 @@ response = client.chat.completions.create(
         {
             "role": "user",
             "content": [
-                {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{image}", "detail": "low"}},
+                {
+                    "type": "image_url",
+                    "image_url": {"url": f"data:image/png;base64,{image}", "detail": "low"},
+                },
                 {"type": "text", "text": "Describe the image."},
             ],
         }

@@ -4,7 +4,8 @@ import os
 
 from openai import OpenAI
 
-client = OpenAI(base_url=os.environ.get("BASE_URL", "http://localhost:8000/v1"), api_key=os.environ.get("API_KEY", "none"))
+base_url = os.environ.get("BASE_URL", "http://localhost:8000/v1")
+client = OpenAI(base_url=base_url, api_key=os.environ.get("API_KEY", "none"))
 
 stream = client.chat.completions.create(
     model="demo",

@@ -20,7 +20,8 @@ with av.open(buffer, mode="w", format="mp4") as container:
         container.mux(packet)
 video = base64.b64encode(buffer.getvalue()).decode()
 
-client = OpenAI(base_url=os.environ.get("BASE_URL", "http://localhost:8000/v1"), api_key=os.environ.get("API_KEY", "none"))
+base_url = os.environ.get("BASE_URL", "http://localhost:8000/v1")
+client = OpenAI(base_url=base_url, api_key=os.environ.get("API_KEY", "none"))
 response = client.chat.completions.create(
     model="demo",
     messages=[

@@ -76,7 +76,9 @@ def resolve_checkpoint(model: str, revision: str | None = None, *, allow_pickle:
         return Path(snapshot_download(model, revision=revision, allow_patterns=patterns))
     except Exception as first:  # noqa: BLE001 - offline, gated or unknown id: try the cache alone
         try:
-            return Path(snapshot_download(model, revision=revision, allow_patterns=patterns, local_files_only=True))
+            return Path(
+                snapshot_download(model, revision=revision, allow_patterns=patterns, local_files_only=True)
+            )
         except Exception:  # noqa: BLE001
             raise CheckpointError(
                 f"model {model!r} is neither a local directory nor available from the Hugging Face cache "
@@ -119,7 +121,14 @@ def _llm_kind(llm_config: dict, config_path: Path) -> str:
 def _text_config_from_original(llm: dict, kind: str):
     from transformers import AutoConfig
 
-    drop = {"architectures", "auto_map", "_name_or_path", "attn_implementation", "torch_dtype", "transformers_version"}
+    drop = {
+        "architectures",
+        "auto_map",
+        "_name_or_path",
+        "attn_implementation",
+        "torch_dtype",
+        "transformers_version",
+    }
     fields = {k: v for k, v in llm.items() if k not in drop}
     if kind == "internlm2":
         # InternLM2 is Llama with fused weights; only the names differ (see layouts).
@@ -184,14 +193,18 @@ def parse_config(path: Path) -> _Parsed:
         try:
             config = InternVLConfig.from_dict({k: v for k, v in raw.items() if k != "auto_map"})
         except Exception as exc:  # noqa: BLE001 - surface as a checkpoint problem
-            raise CheckpointError(f"{config_path}: invalid InternVL config ({type(exc).__name__}: {exc})") from None
+            raise CheckpointError(
+                f"{config_path}: invalid InternVL config ({type(exc).__name__}: {exc})"
+            ) from None
         kind = config.text_config.model_type
         return _Parsed(config, layout, kind, raw.get("template"), 1, raw.get("max_dynamic_patch", 12), True)
     for key in ("vision_config", "llm_config"):
         if not isinstance(raw.get(key), dict):
             raise CheckpointError(f"{config_path}: missing {key!r} (original InternVL layout)")
     if raw.get("ps_version", "v2") != "v2":
-        raise CheckpointError(f"{config_path}: ps_version {raw.get('ps_version')!r} is not supported (expected 'v2')")
+        raise CheckpointError(
+            f"{config_path}: ps_version {raw.get('ps_version')!r} is not supported (expected 'v2')"
+        )
     kind = _llm_kind(raw["llm_config"], config_path)
     image_size = raw.get("force_image_size") or raw["vision_config"].get("image_size", 448)
     text = _text_config_from_original(raw["llm_config"], kind)
@@ -236,12 +249,14 @@ def weight_files(path: Path, *, allow_pickle: bool) -> list[Path]:
     pickles = sorted(path.glob("pytorch_model*.bin"))
     if pickles and not allow_pickle:
         raise CheckpointError(
-            f"{path}: only pickle weights ({pickles[0].name}) found; pickle files can execute code when loaded, "
-            "so they are refused unless --allow-pickle is given (prefer a safetensors checkpoint)"
+            f"{path}: only pickle weights ({pickles[0].name}) found; pickle files can execute code when "
+            "loaded, so they are refused unless --allow-pickle is given (prefer a safetensors checkpoint)"
         )
     if pickles:
         return pickles
-    raise CheckpointError(f"{path}: no weights found (expected model.safetensors or model.safetensors.index.json)")
+    raise CheckpointError(
+        f"{path}: no weights found (expected model.safetensors or model.safetensors.index.json)"
+    )
 
 
 def _read_tensors(files: list[Path]) -> Iterator[tuple[Path, str, torch.Tensor]]:
@@ -271,8 +286,14 @@ def pick_device_and_dtype(engine: EngineConfig) -> tuple[torch.device, torch.dty
     if engine.dtype == "auto":
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     else:
-        names = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
-                 "float32": torch.float32, "fp32": torch.float32}
+        names = {
+            "bfloat16": torch.bfloat16,
+            "bf16": torch.bfloat16,
+            "float16": torch.float16,
+            "fp16": torch.float16,
+            "float32": torch.float32,
+            "fp32": torch.float32,
+        }
         if engine.dtype not in names:
             raise CheckpointError(f"unknown dtype {engine.dtype!r}; choose one of {sorted(names)} or auto")
         dtype = names[engine.dtype]
@@ -319,7 +340,9 @@ def load_tokenizer(path: Path):
                     f"{path / 'tokenizer.model'}: cannot convert the SentencePiece tokenizer "
                     f"({type(inner).__name__}); install the 'sentencepiece' extra"
                 ) from None
-        raise CheckpointError(f"{path}: no usable tokenizer (tokenizer.json or tokenizer.model): {exc}") from None
+        raise CheckpointError(
+            f"{path}: no usable tokenizer (tokenizer.json or tokenizer.model): {exc}"
+        ) from None
 
 
 def _choose_template(engine: EngineConfig, parsed: _Parsed, path: Path) -> ConversationTemplate:
@@ -400,7 +423,9 @@ def load_checkpoint(engine: EngineConfig) -> LoadedCheckpoint:
     )
 
 
-def _expected_source_tensors(model, parsed: _Parsed) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def _expected_source_tensors(
+    model, parsed: _Parsed
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Native tensors to fill, and the names and shapes the checkpoint's files must hold (meta tensors).
 
     Checking the file's own names and shapes (before any split or rename) lets every error speak
@@ -439,7 +464,12 @@ def _load_weights(model, path: Path, parsed: _Parsed, allow_pickle: bool) -> Non
             )
         if parsed.layout == "original":
             pairs = layouts.original_to_native(
-                key, tensor, llm_kind=parsed.llm_kind, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim
+                key,
+                tensor,
+                llm_kind=parsed.llm_kind,
+                num_heads=heads,
+                num_kv_heads=kv_heads,
+                head_dim=head_dim,
             )
         else:
             pairs = iter([(name, tensor)])

@@ -15,13 +15,13 @@ import torch
 from model_runtime.checkpoint import LoadedCheckpoint
 from model_runtime.config import EngineConfig
 from model_runtime.detokenizer import IncrementalDetokenizer
-from model_runtime.errors import EngineDeadError, RequestFailedError
+from model_runtime.errors import RequestFailedError
 from model_runtime.kv_cache import CacheShape, SlotKVCache, slots_for_budget
 from model_runtime.request import CompletionDelta, EngineStats, RequestOutput, TokenLogprob
 from model_runtime.runner import ModelRunner
 from model_runtime.sampling import make_generator
 from model_runtime.scheduler import PrefillChunk, Scheduler, SlotMove
-from model_runtime.sequence import Request, Sequence, Status
+from model_runtime.sequence import Request, Sequence
 from model_runtime.vision_cache import VisionFeatureCache
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,12 @@ class Engine:
         # Unseeded sampling draws from torch's default generator; seeding it makes a server run repeatable.
         torch.manual_seed(config.seed)
         self.fault_hook: Callable[[Request], None] | None = None  # tests inject failures here
-        log.info("KV cache: %d slots x %d tokens (%.1f MiB)", num_slots, shape.capacity, self.cache.total_bytes / 2**20)
+        log.info(
+            "KV cache: %d slots x %d tokens (%.1f MiB)",
+            num_slots,
+            shape.capacity,
+            self.cache.total_bytes / 2**20,
+        )
 
     # -- requests ----------------------------------------------------------------------------------
 

@@ -51,8 +51,12 @@ class Processor:
         return [ImageSlot(key=key, num_tiles=pixels.shape[0], pixel_values=pixels)], [pixels.shape[0]]
 
     def _video(self, item: VideoInput) -> tuple[list[ImageSlot], list[int]]:
-        frames = max(1, min(item.num_frames or self.config.frames_per_video, self.config.max_frames_per_video))
-        tiles = max(1, min(item.max_tiles_per_frame or self.config.tiles_per_frame, self.config.max_tiles_ceiling))
+        frames = max(
+            1, min(item.num_frames or self.config.frames_per_video, self.config.max_frames_per_video)
+        )
+        tiles = max(
+            1, min(item.max_tiles_per_frame or self.config.tiles_per_frame, self.config.max_tiles_ceiling)
+        )
         pixels, per_frame = load_video(
             item.data,
             num_frames=frames,

@@ -74,7 +74,9 @@ class ModelRunner:
         vision_device = next(self.model.model.vision_tower.parameters()).device
         outputs = []
         for start in range(0, pixel_values.shape[0], self.max_vision_batch_tiles):
-            chunk = pixel_values[start : start + self.max_vision_batch_tiles].to(vision_device, self.loaded.dtype)
+            chunk = pixel_values[start : start + self.max_vision_batch_tiles].to(
+                vision_device, self.loaded.dtype
+            )
             out = self.model.model.get_image_features(pixel_values=chunk, return_dict=True)
             outputs.append(out.pooler_output.to(self.device))  # [tiles, T, hidden]
         return torch.cat(outputs)
@@ -154,7 +156,9 @@ class ModelRunner:
         if state.any_penalty:
             for s in seqs:
                 if s.request.prompt_counts is None:
-                    s.request.prompt_counts = token_counts([s.request.prompt_ids], logits.shape[-1], logits.device)[0]
+                    s.request.prompt_counts = token_counts(
+                        [s.request.prompt_ids], logits.shape[-1], logits.device
+                    )[0]
             prompt_counts = torch.stack([s.request.prompt_counts for s in seqs])
             output_counts = token_counts([s.output_ids for s in seqs], logits.shape[-1], logits.device)
             logits = apply_penalties(

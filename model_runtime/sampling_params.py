@@ -52,9 +52,21 @@ class SamplingParams:
         _check(0.0 < self.top_p <= 1.0, "top_p", "top_p must be in (0, 1]")
         _check(self.top_k >= 0 or self.top_k == -1, "top_k", "top_k must be -1, 0 (disabled) or positive")
         _check(0.0 <= self.min_p <= 1.0, "min_p", "min_p must be between 0 and 1")
-        _check(0.0 < self.repetition_penalty <= 10.0, "repetition_penalty", "repetition_penalty must be in (0, 10]")
-        _check(-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", "presence_penalty must be between -2 and 2")
-        _check(-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", "frequency_penalty must be between -2 and 2")
+        _check(
+            0.0 < self.repetition_penalty <= 10.0,
+            "repetition_penalty",
+            "repetition_penalty must be in (0, 10]",
+        )
+        _check(
+            -2.0 <= self.presence_penalty <= 2.0,
+            "presence_penalty",
+            "presence_penalty must be between -2 and 2",
+        )
+        _check(
+            -2.0 <= self.frequency_penalty <= 2.0,
+            "frequency_penalty",
+            "frequency_penalty must be between -2 and 2",
+        )
         _check(len(self.stop) <= MAX_STOP_STRINGS, "stop", f"at most {MAX_STOP_STRINGS} stop strings")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", "stop strings must be non-empty")
         _check(all(t >= 0 for t in self.stop_token_ids), "stop_token_ids", "stop token ids must be >= 0")
@@ -64,7 +76,5 @@ class SamplingParams:
             f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}",
         )
         _check(not self.top_logprobs or self.logprobs, "top_logprobs", "top_logprobs requires logprobs=true")
-        _check(
-            self.seed is None or -(2**63) <= self.seed < 2**64, "seed", "seed must fit in 64 bits"
-        )
+        _check(self.seed is None or -(2**63) <= self.seed < 2**64, "seed", "seed must fit in 64 bits")
         return self

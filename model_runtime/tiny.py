@@ -51,7 +51,8 @@ _CORPUS = [
     "Image-1: Image-2: Frame1: Frame2: Frame3: Frame4: Frame5: Frame6: Frame7: Frame8:",
     "Hello, who are you? Can you tell me a story? Please write a poem according to the image.",
     "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。",
-    "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。",
+    "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，",
+    "英文名叫InternVL, 是一个有用无害的人工智能助手。",
     "system user assistant the a of and to in is that it for on with as was at by an be this",
     "0 1 2 3 4 5 6 7 8 9 10 100 1000 numbers, punctuation! question? colon: semicolon; quote's",
     "🐼 emoji and ünïcödé text: café, naïve, façade, 東京, 서울, Москва",
@@ -88,7 +89,11 @@ def build_tokenizer(llm: str, vocab_size: int):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    specials = SPECIAL_TOKENS + (INTERNLM2_EXTRA if llm == "internlm2" else []) + (PHI3_EXTRA if llm == "phi3" else [])
+    specials = (
+        SPECIAL_TOKENS
+        + (INTERNLM2_EXTRA if llm == "internlm2" else [])
+        + (PHI3_EXTRA if llm == "phi3" else [])
+    )
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

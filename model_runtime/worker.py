@@ -66,7 +66,9 @@ class Worker:
 
     def _warm_up(self) -> None:
         request = self.processor.process(
-            "warmup", ChatInput((Message("user", ("warm up",)),)), SamplingParams(max_tokens=2, temperature=0.0)
+            "warmup",
+            ChatInput((Message("user", ("warm up",)),)),
+            SamplingParams(max_tokens=2, temperature=0.0),
         )
         done = threading.Event()
         request.sink = lambda out: done.set() if out.finished else None

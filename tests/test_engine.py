@@ -45,7 +45,9 @@ class Harness:
     """An engine plus the processor, stepping synchronously (no worker thread)."""
 
     def __init__(self, path, **overrides) -> None:
-        self.config = EngineConfig(model=str(path), max_model_len=overrides.pop("max_model_len", 4096), **overrides)
+        self.config = EngineConfig(
+            model=str(path), max_model_len=overrides.pop("max_model_len", 4096), **overrides
+        )
         self.loaded = load_checkpoint(self.config)
         self.engine = Engine(self.loaded, self.config)
         self.processor = Processor(self.loaded, self.config)
@@ -156,7 +158,9 @@ def test_batched_equals_one_at_a_time_with_joins(harness: Harness) -> None:
 
 
 def test_streamed_text_equals_decode(harness: Harness) -> None:
-    request = harness.add("stream", CHATS["text"], SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True))
+    request = harness.add(
+        "stream", CHATS["text"], SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    )
     harness.run()
     ids = request.seqs[0].output_ids
     assert harness.text("stream") == harness.loaded.tokenizer.decode(ids, skip_special_tokens=True)
@@ -166,12 +170,18 @@ def test_streamed_text_equals_decode(harness: Harness) -> None:
 
 
 def test_stop_string_is_never_emitted(harness: Harness) -> None:
-    probe = harness.add("probe", CHATS["text"], SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True))
+    probe = harness.add(
+        "probe", CHATS["text"], SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    )
     harness.run()
     full = harness.text("probe")
     stop = full[5:8]
     assert len(stop) == 3
-    harness.add("stopped", CHATS["text"], SamplingParams(max_tokens=20, temperature=0.0, stop=(stop,), ignore_eos=True))
+    harness.add(
+        "stopped",
+        CHATS["text"],
+        SamplingParams(max_tokens=20, temperature=0.0, stop=(stop,), ignore_eos=True),
+    )
     harness.run()
     assert harness.text("stopped") == full[: full.index(stop)]
     assert harness.outputs["stopped"][-1].deltas[-1].finish_reason == "stop"
@@ -182,7 +192,10 @@ def test_seeded_sampling_is_reproducible_inside_a_batch(harness: Harness) -> Non
     seeded = SamplingParams(max_tokens=10, temperature=1.0, seed=1234, ignore_eos=True)
     alone = harness.add("seed-alone", CHATS["text"], seeded)
     harness.run()
-    crowd = [harness.add(f"noise-{i}", CHATS["one image"], SamplingParams(max_tokens=10, ignore_eos=True)) for i in range(3)]
+    crowd = [
+        harness.add(f"noise-{i}", CHATS["one image"], SamplingParams(max_tokens=10, ignore_eos=True))
+        for i in range(3)
+    ]
     together = harness.add("seed-batch", CHATS["text"], seeded)
     harness.run()
     assert together.seqs[0].output_ids == alone.seqs[0].output_ids
@@ -190,7 +203,9 @@ def test_seeded_sampling_is_reproducible_inside_a_batch(harness: Harness) -> Non
 
 
 def test_n_shares_one_prefill(harness: Harness) -> None:
-    request = harness.add("n3", CHATS["one image"], SamplingParams(n=3, max_tokens=8, temperature=0.0, ignore_eos=True))
+    request = harness.add(
+        "n3", CHATS["one image"], SamplingParams(n=3, max_tokens=8, temperature=0.0, ignore_eos=True)
+    )
     harness.run()
     outs = [seq.output_ids for seq in request.seqs]
     assert outs[0] == outs[1] == outs[2] and len(outs[0]) == 8
@@ -199,7 +214,10 @@ def test_n_shares_one_prefill(harness: Harness) -> None:
 
 
 def test_abort_frees_slots_and_tokens(harness: Harness) -> None:
-    requests = [harness.add(f"ab-{i}", CHATS["text"], SamplingParams(max_tokens=50, ignore_eos=True)) for i in range(4)]
+    requests = [
+        harness.add(f"ab-{i}", CHATS["text"], SamplingParams(max_tokens=50, ignore_eos=True))
+        for i in range(4)
+    ]
     for _ in range(3):
         harness.engine.step()
     assert harness.engine.stats().extra["used_slots"] == 4
@@ -239,7 +257,9 @@ def test_a_failing_request_leaves_the_others_running(harness: Harness) -> None:
         harness.engine.fault_hook = None
     assert len(good.seqs[0].output_ids) > 0 and good.seqs[0].finish_reason in ("stop", "length")
     last = harness.outputs["bad"][-1]
-    assert last.finished and isinstance(last.error, RequestFailedError) and "injected" not in last.error.message
+    assert (
+        last.finished and isinstance(last.error, RequestFailedError) and "injected" not in last.error.message
+    )
     assert harness.engine.stats().extra["used_slots"] == 0
 
 
@@ -252,7 +272,9 @@ def test_chunked_prefill_matches(tmp_path) -> None:
     other = chunked.add("short", CHATS["text"], GREEDY)
     chunked.run()
     assert request.prompt_len > 250  # three chunks of at most 100 tokens
-    assert request.seqs[0].output_ids == chunked.reference(chunked.request("r", CHATS["one image"], GREEDY), 12)
+    assert request.seqs[0].output_ids == chunked.reference(
+        chunked.request("r", CHATS["one image"], GREEDY), 12
+    )
     assert other.seqs[0].output_ids == chunked.reference(chunked.request("r2", CHATS["text"], GREEDY), 12)
 
 

@@ -78,7 +78,9 @@ def test_errors_arrive_before_any_output(worker: Worker) -> None:
     with pytest.raises(PromptTooLongError):
         asyncio.run(first(chat("word " * 3000), SamplingParams(max_tokens=10)))
     with pytest.raises(MediaError):
-        asyncio.run(first(ChatInput((Message("user", (ImageInput(b"not an image"), "hi")),)), SamplingParams()))
+        asyncio.run(
+            first(ChatInput((Message("user", (ImageInput(b"not an image"), "hi")),)), SamplingParams())
+        )
 
 
 def test_dead_engine_refuses(tmp_path) -> None:
