@@ -76,10 +76,12 @@ class Harness:
     def reference(self, request: Request, max_new_tokens: int) -> list[int]:
         """transformers' own generate() on the native class, as the model card's chat() runs it."""
         model = self.loaded.model
-        ids = torch.tensor([request.prompt_ids])
+        device, dtype = self.loaded.device, self.loaded.dtype
+        ids = torch.tensor([request.prompt_ids], device=device)
         kwargs = {}
         if request.images:
-            kwargs["pixel_values"] = torch.cat([image.pixel_values for image in request.images])
+            pixels = torch.cat([image.pixel_values for image in request.images])
+            kwargs["pixel_values"] = pixels.to(device, dtype)
         with torch.inference_mode():
             out = model.generate(
                 input_ids=ids,
