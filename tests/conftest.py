@@ -20,9 +20,9 @@ LAYOUTS = ("original", "hf")
 TINY_SEED = 0
 
 
-@pytest.fixture(autouse=True)
-def _skip_gpu_tests_without_cuda(request: pytest.FixtureRequest) -> None:
-    if request.node.get_closest_marker("gpu") is None:
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Skip `gpu` tests without CUDA before any of their fixtures (even module-scoped) is built."""
+    if item.get_closest_marker("gpu") is None:
         return
     import torch
 
