@@ -413,7 +413,8 @@ def load_checkpoint(engine: EngineConfig) -> LoadedCheckpoint:
         image_size=int(config.vision_config.image_size[0]),
         tokens_per_tile=tokens_per_tile,
         min_tiles=parsed.min_tiles,
-        max_tiles=engine.max_tiles_per_image or parsed.max_tiles,
+        # The per-image default never exceeds the server's ceiling, whatever the checkpoint says.
+        max_tiles=min(engine.max_tiles_per_image or parsed.max_tiles, engine.max_tiles_ceiling),
         use_thumbnail=parsed.use_thumbnail,
         image_context_id=config.image_token_id,
         stop_token_ids=tuple(sorted(stop_ids)),

@@ -11,7 +11,7 @@ import hashlib
 
 from model_runtime.checkpoint import LoadedCheckpoint
 from model_runtime.config import EngineConfig
-from model_runtime.errors import InvalidRequestError
+from model_runtime.errors import InvalidRequestError, RuntimeErrorBase
 from model_runtime.preprocess import load_image, load_video
 from model_runtime.prompt import build_prompt
 from model_runtime.request import ChatInput, ImageInput, VideoInput
@@ -82,16 +82,22 @@ class Processor:
             raise InvalidRequestError("messages must contain at least one message", param="messages")
         slots: list[ImageSlot] = []
         media_tiles: list[list[int]] = []
-        for message in chat.messages:
-            for part in message.parts:
+        for i, message in enumerate(chat.messages):
+            for j, part in enumerate(message.parts):
                 if isinstance(part, str):
                     continue
+                where = f"messages[{i}].content[{j}]"
                 if message.role != "user":
                     raise InvalidRequestError(
                         f"images and videos are only accepted in user messages, not {message.role}",
-                        param="messages",
+                        param=where,
                     )
-                new_slots, tiles = self._image(part) if isinstance(part, ImageInput) else self._video(part)
+                try:
+                    load = self._image if isinstance(part, ImageInput) else self._video
+                    new_slots, tiles = load(part)
+                except RuntimeErrorBase as exc:
+                    exc.param = exc.param or where  # with several images, say which one was bad
+                    raise
                 slots.extend(new_slots)
                 media_tiles.append(tiles)
         prompt = build_prompt(

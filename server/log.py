@@ -27,6 +27,8 @@ def configure_logging(level: str) -> None:
     root.handlers[:] = [handler]
     # uvicorn's extra "trace" level is below debug; the stdlib does not know its name.
     root.setLevel(logging.DEBUG if level == "trace" else level.upper())
+    # httpx logs every fetched media URL at INFO, query string (and any token in it) included.
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, root.level))
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
