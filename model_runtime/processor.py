@@ -17,6 +17,7 @@ from model_runtime.prompt import build_prompt
 from model_runtime.request import ChatInput, ImageInput, VideoInput
 from model_runtime.sampling_params import SamplingParams
 from model_runtime.sequence import ImageSlot, Request
+from model_runtime.vision_cache import VisionFeatureCache
 
 
 def _digest(data: bytes) -> str:
@@ -26,9 +27,23 @@ def _digest(data: bytes) -> str:
 class Processor:
     """Prepares requests for one loaded checkpoint."""
 
-    def __init__(self, loaded: LoadedCheckpoint, config: EngineConfig) -> None:
+    def __init__(
+        self, loaded: LoadedCheckpoint, config: EngineConfig, vision_cache: VisionFeatureCache | None = None
+    ) -> None:
         self.loaded = loaded
         self.config = config
+        self.vision_cache = vision_cache
+
+    def _cached(self, key: str) -> ImageSlot | None:
+        """An image slot whose features are already known: no decode, no tiling, no vision pass.
+
+        The slot holds the features itself, so a later eviction from the cache cannot lose them.
+        """
+        features = self.vision_cache.peek(key) if self.vision_cache is not None else None
+        if features is None:
+            return None
+        tiles = features.shape[0] // self.loaded.tokens_per_tile
+        return ImageSlot(key=key, num_tiles=tiles, pixel_values=None, features=features)
 
     def clamp_tiles(self, requested: int | None) -> int:
         """Per-image tile limit: the model's default, never above the server ceiling."""
@@ -38,6 +53,9 @@ class Processor:
 
     def _image(self, item: ImageInput) -> tuple[list[ImageSlot], list[int]]:
         max_tiles = self.clamp_tiles(item.max_tiles)
+        key = f"{_digest(item.data)}:img:{max_tiles}"
+        if (hit := self._cached(key)) is not None:
+            return [hit], [hit.num_tiles]
         pixels = load_image(
             item.data,
             max_tiles=max_tiles,
@@ -47,7 +65,6 @@ class Processor:
             max_pixels=self.config.max_image_pixels,
             parallel=True,  # the thumbnail resizes beside the grid (Pillow releases the GIL); same pixels
         )
-        key = f"{_digest(item.data)}:img:{max_tiles}"
         return [ImageSlot(key=key, num_tiles=pixels.shape[0], pixel_values=pixels)], [pixels.shape[0]]
 
     def _video(self, item: VideoInput) -> tuple[list[ImageSlot], list[int]]:
@@ -57,6 +74,11 @@ class Processor:
         tiles = max(
             1, min(item.max_tiles_per_frame or self.config.tiles_per_frame, self.config.max_tiles_ceiling)
         )
+        digest = _digest(item.data)
+        keys = [f"{digest}:vid:{frames}:{tiles}:{item.bound}:{i}" for i in range(frames)]
+        hits = [self._cached(key) for key in keys]
+        if all(hit is not None for hit in hits):
+            return hits, [hit.num_tiles for hit in hits]
         pixels, per_frame = load_video(
             item.data,
             num_frames=frames,
@@ -68,10 +90,8 @@ class Processor:
             max_duration_s=self.config.max_video_duration_s,
             max_pixels_per_frame=self.config.max_image_pixels,
         )
-        digest = _digest(item.data)
         slots, offset = [], 0
-        for i, count in enumerate(per_frame):
-            key = f"{digest}:vid:{frames}:{tiles}:{item.bound}:{i}"
+        for key, count in zip(keys, per_frame, strict=True):
             slots.append(ImageSlot(key=key, num_tiles=count, pixel_values=pixels[offset : offset + count]))
             offset += count
         return slots, list(per_frame)

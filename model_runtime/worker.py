@@ -37,7 +37,7 @@ class Worker:
         self.config = config
         self.loaded = loaded
         self.engine = Engine(loaded, config)
-        self.processor = Processor(loaded, config)
+        self.processor = Processor(loaded, config, self.engine.vision_cache)
         self.info = ModelInfo(
             max_model_len=loaded.max_model_len,
             max_tiles_per_image=config.max_tiles_ceiling,  # what detail=high asks for

@@ -50,16 +50,18 @@ class Harness:
         )
         self.loaded = load_checkpoint(self.config)
         self.engine = Engine(self.loaded, self.config)
-        self.processor = Processor(self.loaded, self.config)
+        self.processor = Processor(self.loaded, self.config, self.engine.vision_cache)
+        # References are built from pixels, so their processor never takes features from the cache.
+        self.uncached = Processor(self.loaded, self.config)
         self.outputs: dict[str, list[RequestOutput]] = {}
 
     def request(self, rid: str, chat: ChatInput, params: SamplingParams) -> Request:
-        request = self.processor.process(rid, chat, params)
-        request.sink = self.outputs.setdefault(rid, []).append
-        return request
+        """A prepared request with its pixel values (for references), not submitted."""
+        return self.uncached.process(rid, chat, params)
 
     def add(self, rid: str, chat: ChatInput, params: SamplingParams) -> Request:
-        request = self.request(rid, chat, params)
+        request = self.processor.process(rid, chat, params)
+        request.sink = self.outputs.setdefault(rid, []).append
         self.engine.add(request)
         return request
 
@@ -289,3 +291,18 @@ def test_other_llm_kinds_match_transformers_generate(llm: str, tmp_path) -> None
     other.run()
     for request, name in zip(requests, ("text", "one image"), strict=True):
         assert request.seqs[0].output_ids == other.reference(other.request("r", CHATS[name], GREEDY), 12)
+
+
+def test_a_resent_image_skips_decoding_and_encoding(tmp_path) -> None:
+    from model_runtime.tiny import write_tiny_checkpoint
+
+    cached = Harness(write_tiny_checkpoint(tmp_path / "ckpt"))
+    first = cached.add("first", CHATS["multi-turn"], GREEDY)
+    cached.run()
+    hits = cached.engine.vision_cache.hits
+    again = cached.add("again", CHATS["multi-turn"], GREEDY)  # a chat re-sends its images every turn
+    assert all(image.pixel_values is None and image.features is not None for image in again.images)
+    assert cached.engine.vision_cache.hits == hits + len(again.images)
+    cached.run()
+    assert again.seqs[0].output_ids == first.seqs[0].output_ids
+    assert again.image_token_count == first.image_token_count
