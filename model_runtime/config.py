@@ -35,3 +35,5 @@ class EngineConfig:
     max_video_frames_in_file: int = 100_000
     max_video_duration_s: float = 3600.0
     preprocess_workers: int = 2
+    # Opt-in: JPEG DCT-domain downscaling before tiling; faster, but pixels differ from the reference.
+    fast_jpeg_draft: bool = False

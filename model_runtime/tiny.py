@@ -317,7 +317,7 @@ def demo_checkpoint_dir() -> Path:
 
 def ensure_demo_checkpoint() -> str:
     """Generate the demo model (tiny, random: its answers are noise) on first use; return its path."""
-    target = demo_checkpoint_dir() / "tiny-qwen2-original-v1"
+    target = demo_checkpoint_dir() / "tiny-qwen2-original-v2"
     if not (target / "model.safetensors").exists():
         tmp = target.with_name(target.name + ".partial")
         write_tiny_checkpoint(tmp, layout="original", llm="qwen2", size="tiny", seed=0)

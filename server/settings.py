@@ -135,6 +135,8 @@ class Settings(BaseModel):
     """videos longer than this are refused before decoding"""
     preprocess_workers: int = 2
     """threads decoding and tiling media"""
+    fast_jpeg_draft: bool = False
+    """decode large JPEGs at reduced size (~3x faster for 4000x3000; pixels deviate up to ~5/255)"""
 
     def to_engine_config(self, model_path: str | None = None) -> EngineConfig:
         """The engine's settings; `model_path` replaces `model` once 'demo' or a hub id is resolved."""
