@@ -257,6 +257,21 @@ class ChatService:
         return Response(completion.model_dump_json(), media_type="application/json")
 
 
+async def from_first(
+    first: RequestOutput, outputs: AsyncIterator[RequestOutput]
+) -> AsyncIterator[RequestOutput]:
+    """The engine's outputs from the already-awaited `first` on, up to the finished one."""
+    out = first
+    while True:
+        yield out
+        if out.finished:
+            return
+        try:
+            out = await anext(outputs)
+        except StopAsyncIteration:
+            return
+
+
 async def collect(
     writer: ChunkWriter,
     n: int,
@@ -267,15 +282,9 @@ async def collect(
     """Drain the engine into one ChatCompletion; a failure raises (-> an error status)."""
     builder = CompletionBuilder(writer, n)
     out = first
-    while True:
+    async for out in from_first(first, outputs):
         tracker.on_output(out)
         builder.add(out)
-        if out.finished:
-            break
-        try:
-            out = await anext(outputs)
-        except StopAsyncIteration:
-            break
     completion = builder.build()
     tracker.finished(out, [c.finish_reason for c in completion.choices])
     return completion
@@ -298,16 +307,10 @@ async def stream_events(
         for index in range(n):
             yield writer.role(index)
         out = first
-        while True:
+        async for out in from_first(first, outputs):
             tracker.on_output(out)
             for event in state.events_for(out):
                 yield event
-            if out.finished:
-                break
-            try:
-                out = await anext(outputs)
-            except StopAsyncIteration:
-                break
         for event in state.close():
             yield event
         tracker.finished(out, state.finish_reasons())
