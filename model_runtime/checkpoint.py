@@ -21,6 +21,7 @@ import torch
 from model_runtime import layouts
 from model_runtime.config import EngineConfig
 from model_runtime.errors import CheckpointError
+from model_runtime.quantization import quantize_language_model
 from model_runtime.templates import ConversationTemplate, get_template, template_for_hf_checkpoint
 
 log = logging.getLogger(__name__)
@@ -389,12 +390,17 @@ def load_checkpoint(engine: EngineConfig) -> LoadedCheckpoint:
     config.text_config._attn_implementation = config._attn_implementation
     config.vision_config._attn_implementation = config._attn_implementation
 
-    target = torch.device("cpu") if engine.device_map else device
+    # Quantized and multi-GPU loads assemble the model in host memory, then place it layer by layer.
+    target = torch.device("cpu") if engine.device_map or engine.quantization else device
     # Allocate without random init (fast, and nothing else to overwrite), directly in the target dtype.
     with torch.device(target), no_init_weights():
         model = InternVLForConditionalGeneration._from_config(config, dtype=dtype)
     _load_weights(model, path, parsed, engine.allow_pickle)
     model.eval().requires_grad_(False)
+    if engine.quantization:
+        quantize_language_model(model, engine.quantization, dtype, device)
+        if not engine.device_map:
+            model.to(device)
     if engine.device_map:
         model = _dispatch(model, engine.device_map)
 

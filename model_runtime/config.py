@@ -14,6 +14,7 @@ class EngineConfig:
     dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
     device: str = "auto"  # auto: cuda if available, else cpu
     device_map: str | None = None  # e.g. "auto" to spread a large model over GPUs (needs accelerate)
+    quantization: str | None = None  # None, "8bit" or "4bit": the LLM's linear layers via bitsandbytes
     attn_implementation: str = "auto"  # auto: flash_attention_2 when installed, else sdpa
     allow_pickle: bool = False  # read .bin (pickle) weights only when explicitly allowed
     template: str | None = None  # override the conversation template

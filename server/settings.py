@@ -95,6 +95,8 @@ class Settings(BaseModel):
     """auto (bf16 on GPU, fp32 on CPU), bfloat16, float16 or float32"""
     device: str = "auto"
     """auto (cuda if available), cuda, cuda:N or cpu"""
+    quantization: Literal["8bit", "4bit"] | None = None
+    """8bit or 4bit weights for the LLM's linear layers (bitsandbytes; the 'quant' extra); None = off"""
     device_map: str | None = None
     """e.g. 'auto' to spread a large model over GPUs (needs accelerate)"""
     attn_implementation: str = "auto"

@@ -443,3 +443,34 @@ def test_stop_token_ids_contain_the_template_stop_token(loaded: Loaded, llm: str
     assert ckpt.template.stop_str == "<|im_end|>"
     assert stop_id in ckpt.stop_token_ids
     assert ckpt.tokenizer.eos_token_id in ckpt.stop_token_ids
+
+
+@pytest.mark.parametrize("mode", ["8bit", "4bit"])
+def test_quantized_language_model_stays_close(mode: str, tiny_checkpoints, load_cached) -> None:
+    pytest.importorskip("bitsandbytes")
+    import torch
+
+    from model_runtime.checkpoint import load_checkpoint
+    from model_runtime.config import EngineConfig
+
+    path = tiny_checkpoints[("qwen2", "original")]
+    full = load_cached(path)
+    quant = load_checkpoint(EngineConfig(model=str(path), device="cpu", quantization=mode))
+    linear_types = {type(m).__name__ for m in quant.model.model.language_model.modules()}
+    assert ("Linear8bitLt" if mode == "8bit" else "Linear4bit") in linear_types
+    assert "Linear" not in linear_types  # every LLM linear layer was replaced
+    ids = torch.tensor([[50, 90, 22, 31, 40, 7, 8]])
+    with torch.inference_mode():
+        reference = full.model(input_ids=ids).logits
+        approx = quant.model(input_ids=ids).logits
+    # Quantization error, not a broken model: far closer to the full-precision logits than their spread.
+    error = (approx - reference).abs().mean() / reference.std()
+    assert error < (0.05 if mode == "8bit" else 0.3)
+
+
+def test_unknown_quantization_is_refused(tiny_checkpoints) -> None:
+    from model_runtime.checkpoint import load_checkpoint
+    from model_runtime.config import EngineConfig
+
+    with pytest.raises(CheckpointError, match="unknown quantization"):
+        load_checkpoint(EngineConfig(model=str(tiny_checkpoints[("qwen2", "original")]), quantization="3bit"))

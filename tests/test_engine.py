@@ -306,3 +306,15 @@ def test_a_resent_image_skips_decoding_and_encoding(tmp_path) -> None:
     cached.run()
     assert again.seqs[0].output_ids == first.seqs[0].output_ids
     assert again.image_token_count == first.image_token_count
+
+
+def test_serves_a_quantized_model(tmp_path) -> None:
+    pytest.importorskip("bitsandbytes")
+    from model_runtime.tiny import write_tiny_checkpoint
+
+    quant = Harness(write_tiny_checkpoint(tmp_path / "q"), quantization="4bit")
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    requests = [quant.add(f"q{i}", chat, params) for i, chat in enumerate(CHATS.values())]
+    quant.run()
+    assert all(len(r.seqs[0].output_ids) == 8 for r in requests)
+    assert quant.engine.stats().extra["used_slots"] == 0
