@@ -357,6 +357,25 @@ def test_uncached_hub_id_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     expect_error("OpenGVLab/InternVL2-1B", "OpenGVLab/InternVL2-1B")
 
 
+def test_cached_hub_id_loads_offline(
+    tiny_checkpoints: Checkpoints, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The Hugging Face cache layout: hub/models--org--name/{refs/main, snapshots/<commit>/...}.
+    home = tmp_path / "hf-home"
+    repo = home / "hub" / "models--OpenGVLab--InternVL-tiny"
+    commit = "0" * 40
+    shutil.copytree(tiny_checkpoints[("qwen2", "original")], repo / "snapshots" / commit)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HOME", str(home))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(home / "hub"))
+    loaded = load_checkpoint(EngineConfig(model="OpenGVLab/InternVL-tiny"))
+    assert loaded.path == repo / "snapshots" / commit and loaded.template.name == "internvl2_5"
+
+
 # -- no checkpoint code runs -------------------------------------------------------------------------
 
 
