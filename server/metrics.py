@@ -99,6 +99,8 @@ class RequestTracker:
         self._start = time.monotonic()
         self._last_token: float | None = None
         self._queue_seen = False
+        self._prompt_counted = False
+        self._completion_tokens = 0
         self._done = False
 
     def on_output(self, out: RequestOutput) -> None:
@@ -106,6 +108,14 @@ class RequestTracker:
         if out.queue_time is not None and not self._queue_seen:
             self._queue_seen = True
             self._m.queue_time.observe(out.queue_time)
+        # Tokens count as they are computed, so requests that end in a disconnect or a failure count too.
+        if not self._prompt_counted:
+            self._prompt_counted = True
+            self._m.prompt_tokens.inc(out.prompt_tokens)
+            self._m.image_tokens.inc(out.image_tokens)
+        if out.completion_tokens > self._completion_tokens:
+            self._m.generation_tokens.inc(out.completion_tokens - self._completion_tokens)
+            self._completion_tokens = out.completion_tokens
         new_tokens = sum(len(d.token_ids) for d in out.deltas)
         if not new_tokens:
             return
@@ -121,9 +131,6 @@ class RequestTracker:
             return
         self._done = True
         self._m.e2e.observe(time.monotonic() - self._start)
-        self._m.prompt_tokens.inc(last.prompt_tokens)
-        self._m.generation_tokens.inc(last.completion_tokens)
-        self._m.image_tokens.inc(last.image_tokens)
         # One count per request, as vLLM does; with n > 1, "length" if any choice was cut short.
         reasons = set(finish_reasons)
         self._m.success("length" if "length" in reasons else "stop")

@@ -342,6 +342,8 @@ def test_disconnect_mid_stream_frees_the_worker(server: ServerProcess) -> None:
     assert server.metrics().get(disconnected, 0) == before.get(disconnected, 0) + 1
     finished = "internvl:e2e_request_latency_seconds_count"
     assert after[finished] == before[finished], "counted as a finished request"
+    generated = "internvl:generation_tokens_total"
+    assert after[generated] > before[generated], "tokens generated before the disconnect are counted"
 
 
 def test_metrics_are_valid_prometheus_text(server: ServerProcess) -> None:
