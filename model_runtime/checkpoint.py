@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -237,16 +236,15 @@ def parse_config(path: Path) -> _Parsed:
 
 def weight_files(path: Path, *, allow_pickle: bool) -> list[Path]:
     """The checkpoint's weight files: safetensors; pickle .bin files only when allowed."""
-    for index_name, single in (("model.safetensors.index.json", "model.safetensors"),):
-        index = path / index_name
-        if index.is_file():
-            shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
-            missing = [s for s in shards if not (path / s).is_file()]
-            if missing:
-                raise CheckpointError(f"{index}: shard file {path / missing[0]} is missing")
-            return [path / s for s in shards]
-        if (path / single).is_file():
-            return [path / single]
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
+        missing = [s for s in shards if not (path / s).is_file()]
+        if missing:
+            raise CheckpointError(f"{index}: shard file {path / missing[0]} is missing")
+        return [path / s for s in shards]
+    if (path / "model.safetensors").is_file():
+        return [path / "model.safetensors"]
     pickles = sorted(path.glob("pytorch_model*.bin"))
     if pickles and not allow_pickle:
         raise CheckpointError(
@@ -273,8 +271,6 @@ def _read_tensors(files: list[Path]) -> Iterator[tuple[Path, str, torch.Tensor]]
             with safe_open(str(file), framework="pt", device="cpu") as handle:
                 for key in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
                     yield file, key, handle.get_tensor(key)
-        except CheckpointError:
-            raise
         except Exception as exc:  # noqa: BLE001 - corrupt or truncated file
             raise CheckpointError(f"cannot read weights from {file}: {type(exc).__name__}") from None
 
@@ -502,14 +498,3 @@ def _dispatch(model, device_map: str):
         raise CheckpointError(f"unsupported device_map {device_map!r}; use 'auto' to spread over all GPUs")
     placement = infer_auto_device_map(model, no_split_module_classes=model._no_split_modules)
     return dispatch_model(model, device_map=placement)
-
-
-def checkpoint_summary(loaded: LoadedCheckpoint) -> dict[str, Any]:
-    return {
-        "path": os.fspath(loaded.path),
-        "layout": loaded.layout,
-        "template": loaded.template.name,
-        "dtype": str(loaded.dtype).removeprefix("torch."),
-        "device": str(loaded.device),
-        "max_model_len": loaded.max_model_len,
-    }
