@@ -1,16 +1,19 @@
-"""Shared fixtures: tiny random InternVL checkpoints written once per session, and cached loads.
+"""Shared fixtures: tiny random InternVL checkpoints written once per session, and cached loads;
+local HTTP servers that record hits (tests/http_recorder.py) for the media tests.
 
-Fixtures here stay generic and session-scoped; torch and transformers are imported lazily so the
-pure tests (scheduler, sampling params, templates) never pay for them.
+Fixtures here stay generic; torch and transformers are imported lazily so the pure tests
+(scheduler, sampling params, templates) never pay for them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+
+from tests.http_recorder import Recorder, serve
 
 if TYPE_CHECKING:
     from model_runtime.checkpoint import LoadedCheckpoint
@@ -70,3 +73,27 @@ def loaded(
         return load_cached(tiny_checkpoints[(llm, layout)])
 
     return get
+
+
+# -- local HTTP servers that record hits ----------------------------------------------------------
+
+
+@pytest.fixture
+def target() -> Iterator[Recorder]:
+    """What an attacker wants to reach: a server on 127.0.0.1."""
+    with serve("127.0.0.1") as server:
+        yield server
+
+
+@pytest.fixture
+def target6() -> Iterator[Recorder]:
+    """The same on the IPv6 loopback, [::1]."""
+    with serve("[::1]") as server:
+        yield server
+
+
+@pytest.fixture
+def public_server() -> Iterator[Recorder]:
+    """A server a test takes for public (with an `address_allowed` that lets 127.0.0.2 through)."""
+    with serve("127.0.0.2") as server:
+        yield server

@@ -9,10 +9,7 @@ import os
 import shutil
 import ssl
 import subprocess
-import threading
 import time
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -21,94 +18,14 @@ import pytest
 from model_runtime.errors import MediaError, MediaTooLargeError
 from server.media import IPAddress, MediaFetcher, decode_data_uri, domain_allowed, is_public_address
 from server.settings import Settings
+from tests.http_recorder import FAKE_IMAGE, Recorder, serve
 
-IMAGE = b"\x89PNG pretend image"
+IMAGE = FAKE_IMAGE  # what the recorder serves at /img
 
 
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-class Recorder(ThreadingHTTPServer):
-    """A tiny HTTP server whose handler records every path it is asked for."""
-
-    daemon_threads = True
-
-    def __init__(self, host: str) -> None:
-        super().__init__((host, 0), _Handler)
-        self.hits: list[str] = []
-        self.redirect_to = ""
-
-    @property
-    def base(self) -> str:
-        return f"http://{self.server_address[0]}:{self.server_address[1]}"
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: Recorder
-
-    def log_message(self, format: str, *args: Any) -> None:  # quiet
-        pass
-
-    def do_GET(self) -> None:
-        self.server.hits.append(self.path)
-        if self.path == "/img":
-            self._send(200, IMAGE, {"Content-Length": str(len(IMAGE))})
-        elif self.path == "/big":
-            self._send(200, b"x" * 5000, {"Content-Length": "5000"})
-        elif self.path == "/big-undeclared":  # no Content-Length: the body ends when the socket closes
-            self._send(200, b"x" * 5000, {})
-        elif self.path == "/drip":
-            self.send_response(200)
-            self.end_headers()
-            for _ in range(100):
-                try:
-                    self.wfile.write(b"x")
-                    self.wfile.flush()
-                except OSError:
-                    return
-                time.sleep(0.05)
-        elif self.path.startswith("/redirect"):
-            self._send(302, b"", {"Location": self.server.redirect_to, "Content-Length": "0"})
-        elif self.path == "/hop":
-            self._send(302, b"", {"Location": "/redirect", "Content-Length": "0"})
-        elif self.path == "/loop":
-            self._send(302, b"", {"Location": "/loop", "Content-Length": "0"})
-        else:
-            self._send(404, b"", {"Content-Length": "0"})
-
-    def _send(self, status: int, body: bytes, headers: dict[str, str]) -> None:
-        self.send_response(status)
-        for k, v in headers.items():
-            self.send_header(k, v)
-        self.end_headers()
-        self.wfile.write(body)
-
-
-def _serve(host: str, tls: ssl.SSLContext | None = None) -> Iterator[Recorder]:
-    server = Recorder(host)
-    if tls is not None:
-        server.socket = tls.wrap_socket(server.socket, server_side=True)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-@pytest.fixture
-def target() -> Iterator[Recorder]:
-    """The server an attacker wants to reach (on loopback)."""
-    yield from _serve("127.0.0.1")
-
-
-@pytest.fixture
-def public_server() -> Iterator[Recorder]:
-    """A server the tests treat as public: 127.0.0.2, let through by `pretend_public` only."""
-    yield from _serve("127.0.0.2")
 
 
 def pretend_public(ip: IPAddress) -> bool:
@@ -259,7 +176,7 @@ async def test_https_goes_to_the_vetted_ip_and_checks_the_certificate_name(tmp_p
 
     settings = Settings(media_allow_private_networks=True)
     f = MediaFetcher(settings, resolver=resolver, ssl_context=client_tls)
-    for server in _serve("127.0.0.1", server_tls):
+    with serve("127.0.0.1", server_tls) as server:
         port = server.server_address[1]
         assert await f.fetch(f"https://media.test:{port}/img", "image") == IMAGE
         with pytest.raises(MediaError):

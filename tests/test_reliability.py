@@ -17,15 +17,11 @@ import io
 import ipaddress
 import json
 import re
-import select
 import signal
-import socket
 import struct
-import threading
 import time
 import zlib
-from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +40,7 @@ from model_runtime.preprocess import choose_grid, dynamic_preprocess
 from scripts import soak
 from server.media import IPAddress, MediaFetcher, is_public_address
 from tests.fault_launcher import FATAL_MARKER, FAULT_MARKER
+from tests.http_recorder import Recorder, png_image
 from tests.server_process import (
     API_KEY,
     DRAIN_TIMEOUT_S,
@@ -384,131 +381,7 @@ def test_unrecoverable_error_fails_health_and_ends_the_process(faults: ServerPro
 # -- network abuse -------------------------------------------------------------------------------
 
 
-class Recorder(ThreadingHTTPServer):
-    """A local HTTP server that records every request and can drip, stall, flood or redirect."""
-
-    daemon_threads = True
-
-    def __init__(self, host: str) -> None:
-        bare = host.strip("[]")
-        if ":" in bare:
-            self.address_family = socket.AF_INET6
-        super().__init__((bare, 0), _RecorderHandler)
-        self.hits: list[str] = []
-        self.sent: dict[str, int] = {}  # bytes written per streaming path before the client left
-        self.cut_off: dict[str, bool] = {}
-        self.redirect_to = ""
-        self.host = host
-
-    @property
-    def base(self) -> str:
-        return f"http://{self.host}:{self.server_address[1]}"
-
-    @property
-    def port(self) -> int:
-        return int(self.server_address[1])
-
-
-IMAGE = image_bytes(32, 32, seed=5)
-FLOOD_LIMIT = 64 * MiB
-
-
-class _RecorderHandler(BaseHTTPRequestHandler):
-    server: Recorder
-    protocol_version = "HTTP/1.0"
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-    def do_GET(self) -> None:
-        path = self.path
-        self.server.hits.append(path)
-        if path.startswith("/image"):
-            self._reply(200, IMAGE, {"Content-Type": "image/png", "Content-Length": str(len(IMAGE))})
-        elif path.startswith("/redirect"):
-            self._reply(302, b"", {"Location": self.server.redirect_to, "Content-Length": "0"})
-        elif path.startswith("/hop"):
-            self._reply(302, b"", {"Location": "/redirect", "Content-Length": "0"})
-        elif path.startswith("/loop"):
-            self._reply(302, b"", {"Location": "/loop", "Content-Length": "0"})
-        elif path.startswith("/drip"):  # one byte every 0.2 s: never idle long enough for a read timeout
-            self._stream(path, {"Content-Length": "100000"}, b"x", pause_s=0.2)
-        elif path.startswith("/stall"):  # headers, then silence
-            self._stall(path)
-        elif path.startswith("/flood-declared"):
-            self._stream(path, {"Content-Length": str(FLOOD_LIMIT)}, bytes(64 * KiB))
-        elif path.startswith("/flood"):  # no Content-Length: the body ends when the socket closes
-            self._stream(path, {}, bytes(64 * KiB))
-        else:
-            self._reply(404, b"", {"Content-Length": "0"})
-
-    def _reply(self, status: int, body: bytes, headers: dict[str, str]) -> None:
-        self.send_response(status)
-        for key, value in headers.items():
-            self.send_header(key, value)
-        self.end_headers()
-        self.wfile.write(body)
-
-    def _stream(self, path: str, headers: dict[str, str], chunk: bytes, pause_s: float = 0.0) -> None:
-        self.send_response(200)
-        self.send_header("Content-Type", "image/png")
-        for key, value in headers.items():
-            self.send_header(key, value)
-        self.end_headers()
-        sent, deadline = 0, time.monotonic() + 20
-        try:
-            while sent < FLOOD_LIMIT and time.monotonic() < deadline:
-                self.wfile.write(chunk)
-                self.wfile.flush()
-                sent += len(chunk)
-                time.sleep(pause_s)
-        except OSError:
-            self.server.cut_off[path] = True
-        else:
-            self.server.cut_off[path] = False
-        finally:
-            self.server.sent[path] = sent
-
-    def _stall(self, path: str) -> None:
-        self.send_response(200)
-        self.send_header("Content-Length", "100000")
-        self.end_headers()
-        self.wfile.flush()
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            readable, _, _ = select.select([self.connection], [], [], 0.1)
-            if readable and not self.connection.recv(1, socket.MSG_PEEK):  # the client closed
-                self.server.cut_off[path] = True
-                return
-        self.server.cut_off[path] = False
-
-
-def _serve(host: str) -> Iterator[Recorder]:
-    server = Recorder(host)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-@pytest.fixture
-def target() -> Iterator[Recorder]:
-    """What an attacker wants to reach: a server on 127.0.0.1."""
-    yield from _serve("127.0.0.1")
-
-
-@pytest.fixture
-def target6() -> Iterator[Recorder]:
-    yield from _serve("[::1]")
-
-
-@pytest.fixture
-def public_server() -> Iterator[Recorder]:
-    """A server the in-process test takes for public: 127.0.0.2."""
-    yield from _serve("127.0.0.2")
+IMAGE = png_image()  # what the recorder serves at /image...
 
 
 @pytest.fixture
