@@ -13,13 +13,13 @@ import contextlib
 import io
 import math
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from model_runtime import resize
 from model_runtime.errors import InvalidRequestError, MediaError, MediaTooLargeError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -123,10 +123,10 @@ def dynamic_preprocess(
 
 
 def _normalize_(pixels: torch.Tensor) -> torch.Tensor:
-    # pixels: [N, 3, S, S] float32 holding 0..255. Same float32 operations, in the same order, as
+    # pixels: [..., 3, H, W] float32 holding 0..255. Same float32 operations, in the same order, as
     # torchvision's ToTensor (x / 255) then Normalize ((x - mean) / std), so the values are identical.
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(1, 3, 1, 1)
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1)
     return pixels.div_(255).sub_(mean).div_(std)
 
 
@@ -146,29 +146,54 @@ def tiles_to_tensor(tiles: Sequence[Image.Image]) -> torch.Tensor:
 
 
 def _grid_tensor(
-    image: Image.Image, cols: int, rows: int, image_size: int, use_thumbnail: bool, parallel: bool
+    image: Image.Image, cols: int, rows: int, image_size: int, use_thumbnail: bool
 ) -> torch.Tensor:
     # Equals tiles_to_tensor(dynamic_preprocess(image)) for that grid, but resizes once and slices the
     # tiles out of one array instead of cropping and converting each tile in PIL.
     size = image_size
     n = cols * rows
     thumbnail = use_thumbnail and n != 1
-    resample = Image.Resampling.BICUBIC
-    with contextlib.ExitStack() as stack:
-        thumb_future = None
-        if thumbnail and parallel:
-            # Pillow releases the GIL while resampling, so the thumbnail resizes beside the grid.
-            pool = stack.enter_context(ThreadPoolExecutor(max_workers=1))
-            thumb_future = pool.submit(image.resize, (size, size), resample)
-        grid = _hwc_uint8(image.resize((cols * size, rows * size), resample))  # [rows*S, cols*S, 3]
-        pixels = torch.empty((n + int(thumbnail), 3, size, size), dtype=torch.float32)
-        pixels[:n].view(rows, cols, 3, size, size).copy_(
-            grid.view(rows, size, cols, size, 3).permute(0, 2, 4, 1, 3)
-        )
-        if thumbnail:
-            thumb = thumb_future.result() if thumb_future else image.resize((size, size), resample)
-            pixels[n].copy_(_hwc_uint8(thumb).permute(2, 0, 1))
+    pixels = torch.empty((n + int(thumbnail), 3, size, size), dtype=torch.float32)
+    grid = _hwc_uint8(image.resize((cols * size, rows * size), resize.BICUBIC))  # [rows*S, cols*S, 3]
+    pixels[:n].view(rows, cols, 3, size, size).copy_(
+        grid.view(rows, size, cols, size, 3).permute(0, 2, 4, 1, 3)
+    )
+    if thumbnail:
+        pixels[n].copy_(_hwc_uint8(image.resize((size, size), resize.BICUBIC)).permute(2, 0, 1))
     return _normalize_(pixels)
+
+
+def _grid_tensor_parallel(
+    image: Image.Image, cols: int, rows: int, image_size: int, use_thumbnail: bool
+) -> torch.Tensor:
+    # The same tensor as _grid_tensor, with both resizes cut into strips on the shared resize pool
+    # (model_runtime/resize.py says why the pixels stay identical). The grid's last pass is cut at
+    # tile boundaries, so each strip fills and normalizes whole tiles on the thread that made it.
+    size = image_size
+    n = cols * rows
+    thumbnail = use_thumbnail and n != 1
+    pixels = torch.empty((n + int(thumbnail), 3, size, size), dtype=torch.float32)
+    tiles = pixels[:n].view(rows, cols, 3, size, size)
+    pool, workers = resize.shared_pool(), resize.pool_size()
+
+    def fill_grid(left: int, top: int, strip: Image.Image) -> None:
+        r, c, nr, nc = top // size, left // size, strip.height // size, strip.width // size
+        hwc = _hwc_uint8(strip).view(nr, size, nc, size, 3).permute(0, 2, 4, 1, 3)
+        _normalize_(tiles[r : r + nr, c : c + nc].copy_(hwc))
+
+    def fill_thumbnail(left: int, top: int, strip: Image.Image) -> None:
+        region = pixels[n, :, top : top + strip.height, left : left + strip.width]
+        _normalize_(region.copy_(_hwc_uint8(strip).permute(2, 0, 1)))
+
+    # Both first passes are queued before either resize waits for its own.
+    grid = resize.StripResize(pool, image, (cols * size, rows * size), workers)
+    thumb = resize.StripResize(pool, image, (size, size), workers) if thumbnail else None
+    pending = grid.finish(fill_grid, align=size)
+    if thumb is not None:
+        pending += thumb.finish(fill_thumbnail)
+    for future in pending:
+        future.result()
+    return pixels
 
 
 def preprocess_image(
@@ -182,12 +207,14 @@ def preprocess_image(
 ) -> torch.Tensor:
     """A decoded image -> [tiles, 3, S, S] float32, equal to the reference tiling + transform.
 
-    parallel: resize the thumbnail on a helper thread while the grid resizes (same pixels; ~1.5x
-    faster for large images when a core is free, no gain on a saturated machine).
+    parallel: cut both resizes into strips on the shared resize pool, one thread per core (same
+    pixels; see model_runtime/resize.py). Faster for large images when cores are free, no gain on a
+    saturated machine.
     """
     image = _to_rgb(image)
     cols, rows = choose_grid(*image.size, min_tiles=min_tiles, max_tiles=max_tiles, image_size=image_size)
-    return _grid_tensor(image, cols, rows, image_size, use_thumbnail, parallel)
+    build = _grid_tensor_parallel if parallel else _grid_tensor
+    return build(image, cols, rows, image_size, use_thumbnail)
 
 
 # --- image decoding -----------------------------------------------------------------------------
@@ -327,7 +354,8 @@ def load_image(
         with contextlib.suppress(Exception):
             # libjpeg decodes at 1/2, 1/4 or 1/8 scale, never below the grid's size.
             image.draft(None, draft_size)
-        return _grid_tensor(_decode_pixels(image), cols, rows, image_size, use_thumbnail, parallel)
+        build = _grid_tensor_parallel if parallel else _grid_tensor
+        return build(_decode_pixels(image), cols, rows, image_size, use_thumbnail)
     return preprocess_image(
         _decode_pixels(image),
         max_tiles=max_tiles,
@@ -457,9 +485,7 @@ def load_video(
 
     def tile(frames: np.ndarray) -> None:
         for frame in frames:
-            per_frame.append(
-                _grid_tensor(Image.fromarray(frame), cols, rows, image_size, use_thumbnail, parallel=False)
-            )
+            per_frame.append(_grid_tensor(Image.fromarray(frame), cols, rows, image_size, use_thumbnail))
 
     tile(first)
     for start in range(1, len(unique), _FRAME_BATCH):

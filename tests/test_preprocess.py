@@ -195,6 +195,8 @@ def test_preprocess_image_equals_reference(size, tiling):
     image = noise_image(*size)
     ref = ref_pixels(image, max_num=max_tiles, min_num=min_tiles)
     assert_same(preprocess_image(image, max_tiles=max_tiles, min_tiles=min_tiles), ref)
+    # Strip-parallel resizes; the tall ones run Pillow 13's vertical-first order.
+    assert_same(preprocess_image(image, max_tiles=max_tiles, min_tiles=min_tiles, parallel=True), ref)
 
 
 @pytest.mark.parametrize(
