@@ -213,7 +213,7 @@ def preprocess_image(
     """
     image = _to_rgb(image)
     cols, rows = choose_grid(*image.size, min_tiles=min_tiles, max_tiles=max_tiles, image_size=image_size)
-    build = _grid_tensor_parallel if parallel else _grid_tensor
+    build = _grid_tensor_parallel if parallel and resize.matches_pillow() else _grid_tensor
     return build(image, cols, rows, image_size, use_thumbnail)
 
 
@@ -354,7 +354,7 @@ def load_image(
         with contextlib.suppress(Exception):
             # libjpeg decodes at 1/2, 1/4 or 1/8 scale, never below the grid's size.
             image.draft(None, draft_size)
-        build = _grid_tensor_parallel if parallel else _grid_tensor
+        build = _grid_tensor_parallel if parallel and resize.matches_pillow() else _grid_tensor
         return build(_decode_pixels(image), cols, rows, image_size, use_thumbnail)
     return preprocess_image(
         _decode_pixels(image),

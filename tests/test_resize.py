@@ -51,7 +51,7 @@ def test_any_number_of_strips_gives_the_same_pixels(workers: int) -> None:
         expected = image.resize(target, Image.Resampling.BICUBIC)
         out = Image.new("RGB", target)
         with ThreadPoolExecutor(max_workers=2) as pool:
-            job = resize.StripResize(pool, image, target, workers)
+            job = resize.StripResize(pool, image, target, workers, min_strip_pixels=1)
             for future in job.finish(
                 lambda left, top, strip, out=out: out.paste(strip, (left, top)), align=7
             ):
@@ -80,3 +80,21 @@ def test_bands_cover_the_length_at_aligned_cuts() -> None:
 def test_small_images_are_not_cut() -> None:
     assert resize.strip_count(noisy_image(64, 64), workers=8) == 1
     assert resize.strip_count(noisy_image(4000, 3000), workers=2) == 2
+
+
+def test_strips_match_this_pillow() -> None:
+    # The once-per-process check that keeps preprocess's strip path on.
+    assert resize.matches_pillow()
+
+
+@pytest.mark.skipif(resize.PILLOW_VERSION < (13, 0), reason="one pass order before Pillow 13")
+def test_the_check_catches_a_wrong_pass_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    def horizontal_first(source: tuple[int, int], target: tuple[int, int]) -> tuple[str, ...]:
+        return tuple(a for a, n in (("h", source[0] != target[0]), ("v", source[1] != target[1])) if n)
+
+    monkeypatch.setattr(resize, "pass_order", horizontal_first)
+    resize.matches_pillow.cache_clear()
+    try:
+        assert not resize.matches_pillow()
+    finally:
+        resize.matches_pillow.cache_clear()
