@@ -24,6 +24,7 @@ import contextlib
 import ipaddress
 import json
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -172,8 +173,9 @@ def make_payloads(args: argparse.Namespace) -> dict[str, list[list[dict[str, Any
 # --- the report -----------------------------------------------------------------------------------
 
 
-def goal_lines(rows: Sequence[Summary]) -> list[str]:
-    """Ours against `transformers serve` on every shared image-workload load; the issue's goal at c=16."""
+def goal_lines(rows: Sequence[Summary], floor: dict[str, Any] | None = None) -> list[str]:
+    """Ours against `transformers serve` on every shared image-workload load; the issue's goal at c=16;
+    and, given benchmarks/floor.py's figures for the same requests, how far any server could go."""
     lines = []
     by_key = {(r.server, r.workload, r.load): r for r in rows}
     for (server, workload, load), ours in by_key.items():
@@ -200,7 +202,29 @@ def goal_lines(rows: Sequence[Summary]) -> list[str]:
                 f"- {workload}, {load.label}{tag}: p99 TTFT ours / transformers serve = "
                 f"{ratio:.3f} ({ours.ttft.p99 * 1000:.0f} ms vs {peer.ttft.p99 * 1000:.0f} ms; {verdict})"
             )
+        if goal and floor and peer.request_throughput > 0:
+            best = floor["req_per_s"]
+            lines.append(
+                f"- {workload}: roofline floor of these requests on this machine (benchmarks/floor.py): "
+                f"at most {best:.3f} req/s, so no server can exceed {best / peer.request_throughput:.2f}× "
+                f"transformers serve here; ours reached {ours.request_throughput / best:.0%} of the floor"
+            )
     return lines
+
+
+def run_floor(args: argparse.Namespace, model: str, work: Path) -> dict[str, Any] | None:
+    """benchmarks/floor.py on the goal workload's requests, in a child process (it loads the model)."""
+    out = work / "floor.json"
+    command = [sys.executable, str(Path(__file__).with_name("floor.py")), "--model", model]
+    command += ["--workload", GOAL_WORKLOAD, "--requests", str(args.num_prompts)]
+    command += ["--max-tokens", str(args.max_tokens), "--seed", str(args.seed)]
+    command += ["--device", args.device, "--dtype", args.dtype, "--json", str(out)]
+    print("[floor] " + " ".join(command[1:]), flush=True)
+    result = subprocess.run(command, check=False)
+    if result.returncode != 0 or not out.exists():
+        print(f"[floor] FAILED (exit {result.returncode})", flush=True)
+        return None
+    return json.loads(out.read_text())
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -233,6 +257,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default="",
         help="extra transformers serve flags, one string (as --ours-args)",
     )
+    target.add_argument("--no-floor", action="store_true", help="skip benchmarks/floor.py after --compare")
     target.add_argument(
         "--startup-timeout", type=float, default=600.0, help="seconds a peer may take to start"
     )
@@ -267,7 +292,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-async def run(args: argparse.Namespace) -> list[Summary]:
+async def run(args: argparse.Namespace) -> tuple[list[Summary], dict[str, Any] | None]:
     loads = [Load(concurrency=c) for c in args.concurrency]
     loads += [Load(concurrency=args.max_concurrency, rate=r) for r in args.request_rate]
     if args.base_url:
@@ -276,7 +301,7 @@ async def run(args: argparse.Namespace) -> list[Summary]:
     if args.base_url:
         options = RequestOptions(args.model_name, args.max_tokens)
         name = urlsplit(args.base_url).netloc
-        return await bench_server(name, args.base_url.rstrip("/"), options, args, loads, payloads)
+        return await bench_server(name, args.base_url.rstrip("/"), options, args, loads, payloads), None
     work = Path(tempfile.mkdtemp(prefix="internvl-bench-"))
     try:
         return await compare(args, loads, payloads, work)
@@ -292,8 +317,9 @@ async def compare(
     loads: Sequence[Load],
     payloads: dict[str, list[list[dict[str, Any]]]],
     work: Path,
-) -> list[Summary]:
-    """Start each peer in turn (never two at once: they would share the CPU), measure it, stop it."""
+) -> tuple[list[Summary], dict[str, Any] | None]:
+    """Start each peer in turn (never two at once: they would share the CPU), measure it, stop it;
+    then the roofline floor of the goal workload (unless --no-floor)."""
     if args.model_original:
         original, hf = args.model_original, args.model_hf
     else:
@@ -322,14 +348,15 @@ async def compare(
                 rows += await bench_server(name, base_url, peer.options, args, loads, payloads)
         except RuntimeError as exc:
             print(f"[{name}] FAILED: {exc}", flush=True)
-    return rows
+    floor = None if args.no_floor or GOAL_WORKLOAD not in args.workloads else run_floor(args, original, work)
+    return rows, floor
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    rows = asyncio.run(run(args))
+    rows, floor = asyncio.run(run(args))
     report = markdown_table(rows)
-    goals = goal_lines(rows)
+    goals = goal_lines(rows, floor)
     if goals:
         report += "\n\nOurs vs `transformers serve`:\n" + "\n".join(goals)
     print("\n" + report)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from model_runtime import resize
+from model_runtime import jpeg_stream, resize
 from model_runtime.errors import InvalidRequestError, MediaError, MediaTooLargeError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -163,37 +163,137 @@ def _grid_tensor(
     return _normalize_(pixels)
 
 
+class _ParallelTiles:
+    """The tensor of _grid_tensor, with both resizes cut into strips on the shared resize pool
+    (model_runtime/resize.py says why the pixels stay identical). The grid's last pass is cut at
+    tile boundaries, so each strip fills and normalizes whole tiles on the thread that made it.
+
+    The first passes start when the object is made, on the rows the image has so far
+    (rows_ready; all by default); release(rows) reports more, result() needs the whole image.
+    """
+
+    def __init__(
+        self,
+        image: Image.Image,
+        cols: int,
+        rows: int,
+        image_size: int,
+        use_thumbnail: bool,
+        *,
+        rows_ready: int | None = None,
+        first_parts: int | None = None,
+    ) -> None:
+        self.size, self.cols, self.rows = image_size, cols, rows
+        self.n = cols * rows
+        thumbnail = use_thumbnail and self.n != 1
+        self.pixels = torch.empty((self.n + int(thumbnail), 3, image_size, image_size), dtype=torch.float32)
+        pool, workers = resize.shared_pool(), resize.pool_size()
+        self.workers = workers
+        kwargs = {"first_parts": first_parts, "rows_ready": rows_ready}
+        # Both first passes are queued before either resize waits for its own.
+        self.jobs = [
+            (
+                resize.StripResize(pool, image, (cols * image_size, rows * image_size), workers, **kwargs),
+                self._fill_grid,
+                image_size,
+            )
+        ]
+        if thumbnail:
+            self.jobs.append(
+                (
+                    resize.StripResize(pool, image, (image_size, image_size), workers, **kwargs),
+                    self._fill_thumbnail,
+                    1,
+                )
+            )
+
+    def _fill_grid(self, left: int, top: int, strip: Image.Image) -> None:
+        size = self.size
+        r, c, nr, nc = top // size, left // size, strip.height // size, strip.width // size
+        hwc = _hwc_uint8(strip).view(nr, size, nc, size, 3).permute(0, 2, 4, 1, 3)
+        tiles = self.pixels[: self.n].view(self.rows, self.cols, 3, size, size)
+        _normalize_(tiles[r : r + nr, c : c + nc].copy_(hwc))
+
+    def _fill_thumbnail(self, left: int, top: int, strip: Image.Image) -> None:
+        region = self.pixels[self.n, :, top : top + strip.height, left : left + strip.width]
+        _normalize_(region.copy_(_hwc_uint8(strip).permute(2, 0, 1)))
+
+    def release(self, rows: int, busy_cores: int = 0) -> None:
+        """Queue first-pass strips over the top `rows` rows of the image, leaving `busy_cores` cores
+        to other work (the decoder): at most workers - busy_cores strips in flight, taken from the
+        resizes in turn."""
+        if not busy_cores:
+            for job, _, _ in self.jobs:
+                job.release(rows)
+            return
+        budget = self.workers - busy_cores - sum(job.in_flight() for job, _, _ in self.jobs)
+        while budget > 0:
+            queued = 0
+            for job, _, _ in self.jobs:
+                if budget > 0 and job.release(rows, limit=1):
+                    queued += 1
+                    budget -= 1
+            if not queued:
+                return
+
+    def cancel(self) -> None:
+        for job, _, _ in self.jobs:
+            job.cancel()
+
+    def result(self) -> torch.Tensor:
+        # Every first-pass strip goes into the queue before any last-pass strip: one resize's last
+        # pass must not hold up the other's first.
+        self.release(2**31 - 1)
+        pending = []
+        for job, fill, align in self.jobs:
+            pending += job.finish(fill, align)
+        for future in pending:
+            future.result()
+        return self.pixels
+
+
 def _grid_tensor_parallel(
     image: Image.Image, cols: int, rows: int, image_size: int, use_thumbnail: bool
 ) -> torch.Tensor:
-    # The same tensor as _grid_tensor, with both resizes cut into strips on the shared resize pool
-    # (model_runtime/resize.py says why the pixels stay identical). The grid's last pass is cut at
-    # tile boundaries, so each strip fills and normalizes whole tiles on the thread that made it.
-    size = image_size
-    n = cols * rows
-    thumbnail = use_thumbnail and n != 1
-    pixels = torch.empty((n + int(thumbnail), 3, size, size), dtype=torch.float32)
-    tiles = pixels[:n].view(rows, cols, 3, size, size)
-    pool, workers = resize.shared_pool(), resize.pool_size()
+    return _ParallelTiles(image, cols, rows, image_size, use_thumbnail).result()
 
-    def fill_grid(left: int, top: int, strip: Image.Image) -> None:
-        r, c, nr, nc = top // size, left // size, strip.height // size, strip.width // size
-        hwc = _hwc_uint8(strip).view(nr, size, nc, size, 3).permute(0, 2, 4, 1, 3)
-        _normalize_(tiles[r : r + nr, c : c + nc].copy_(hwc))
 
-    def fill_thumbnail(left: int, top: int, strip: Image.Image) -> None:
-        region = pixels[n, :, top : top + strip.height, left : left + strip.width]
-        _normalize_(region.copy_(_hwc_uint8(strip).permute(2, 0, 1)))
+# A JPEG this large is decoded while its top rows already resize (model_runtime/jpeg_stream.py);
+# below it the decode is too short to be worth the bookkeeping.
+STREAM_MIN_PIXELS = 2_000_000
+_STREAM_BAND_ROWS = 256  # rows per first-pass strip while streaming
 
-    # Both first passes are queued before either resize waits for its own.
-    grid = resize.StripResize(pool, image, (cols * size, rows * size), workers)
-    thumb = resize.StripResize(pool, image, (size, size), workers) if thumbnail else None
-    pending = grid.finish(fill_grid, align=size)
-    if thumb is not None:
-        pending += thumb.finish(fill_thumbnail)
-    for future in pending:
-        future.result()
-    return pixels
+
+def _streamed_tensor(
+    image: Image.Image,
+    reader: jpeg_stream.ProbingReader,
+    cols: int,
+    rows: int,
+    image_size: int,
+    use_thumbnail: bool,
+) -> torch.Tensor:
+    """load_image's tensor for a large RGB JPEG, resizing finished rows while the rest decodes."""
+    # Not filled: the decoder overwrites every row before a strip reads it, and DecodedRows blackens
+    # the pixels it watches (filling 48 MB would cost a third of the decode).
+    canvas = Image.new("RGB", image.size, None)
+    image.im = canvas.im  # Pillow decodes into memory the image already has
+    decoded = jpeg_stream.DecodedRows(canvas)
+    parts = max(1, image.height // _STREAM_BAND_ROWS)
+    tiles = _ParallelTiles(canvas, cols, rows, image_size, use_thumbnail, rows_ready=0, first_parts=parts)
+    # The decoding thread keeps one core; the strips of finished rows get the others.
+    reader.on_read = lambda: tiles.release(decoded.update(), busy_cores=1)
+    try:
+        loaded = _decode_pixels(image)
+    except BaseException:
+        tiles.cancel()
+        raise
+    finally:
+        reader.on_read = None
+    if loaded.im is not canvas.im:
+        # This Pillow decoded into memory of its own: the strips saw only black. Start over.
+        tiles.cancel()
+        return _grid_tensor_parallel(loaded, cols, rows, image_size, use_thumbnail)
+    return tiles.result()
 
 
 def preprocess_image(
@@ -230,14 +330,16 @@ def _pixel_limit(max_pixels: int) -> int:
     return max_pixels if bomb is None else min(max_pixels, int(bomb))
 
 
-def _open_image(data: bytes, max_pixels: int) -> Image.Image:
-    """Reads the header only and checks the declared size; no pixel is decoded yet."""
+def _open_image(data: bytes, max_pixels: int, fp: io.BytesIO | None = None) -> Image.Image:
+    """Reads the header only and checks the declared size; no pixel is decoded yet.
+
+    fp: the file object Pillow reads `data` through (a fresh BytesIO by default)."""
     if not data:
         raise MediaError("could not decode image: no data")
     limit = _pixel_limit(max_pixels)
     bomb = int(Image.MAX_IMAGE_PIXELS or 0)
     try:
-        image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+        image = Image.open(fp or io.BytesIO(data), formats=IMAGE_FORMATS)
     except Image.DecompressionBombError:
         # Pillow refuses over 2x MAX_IMAGE_PIXELS inside open(); its text is not ours to forward.
         raise MediaTooLargeError(f"image has more than {2 * bomb} pixels; the limit is {limit}") from None
@@ -252,6 +354,17 @@ def _open_image(data: bytes, max_pixels: int) -> Image.Image:
     if width * height > limit:
         raise _too_large(f"image of {width}x{height}", width * height, limit)
     return image
+
+
+def _streamable(image: Image.Image) -> bool:
+    """A large baseline-or-progressive RGB JPEG stored upright: _streamed_tensor's case."""
+    width, height = image.size
+    return (
+        image.format == "JPEG"  # not MPO, whose loader differs
+        and image.mode == "RGB"
+        and width * height >= STREAM_MIN_PIXELS
+        and _orientation(image) == 1  # no EXIF rotation after decoding
+    )
 
 
 def _orientation(image: Image.Image) -> int:
@@ -332,12 +445,18 @@ def load_image(
 ) -> torch.Tensor:
     """Encoded image -> [tiles, 3, S, S] float32, equal to the reference `load_image`.
 
+    parallel: resize in strips on every core (see preprocess_image); large upright RGB JPEGs also
+    start resizing their top rows while the rest decodes (model_runtime/jpeg_stream.py). Same pixels.
     fast_jpeg_draft: decode large JPEGs at a reduced DCT scale (never below the tile grid's size).
     The grid is still chosen from the full size, so the tile count is unchanged; pixels differ a
     little (see benchmarks/preprocess.py). Off by default: the default output is exact.
     """
     _check_tiling(min_tiles, max_tiles, image_size)
-    image = _open_image(data, max_pixels)
+    reader = jpeg_stream.ProbingReader(data)
+    image = _open_image(data, max_pixels, reader)
+    if parallel and not fast_jpeg_draft and _streamable(image) and resize.matches_pillow():
+        cols, rows = choose_grid(*image.size, min_tiles=min_tiles, max_tiles=max_tiles, image_size=image_size)
+        return _streamed_tensor(image, reader, cols, rows, image_size, use_thumbnail)
     if fast_jpeg_draft and image.format in ("JPEG", "MPO"):
         # Choose the grid from the full size first so that drafting never changes the tile count.
         # (Only JPEG's EXIF can be read before decoding; for PNG reading it would decode the image.)

@@ -95,31 +95,17 @@ def one_pass(image: Image.Image, axis: str, length: int, start: int, end: int) -
     return image.crop((start, 0, end, image.height)).resize((end - start, length), BICUBIC)
 
 
-def join(strips: list[Image.Image], axis: str) -> Image.Image:
-    """The strips of one pass, in order, as one image: stacked rows (h) or side-by-side columns (v)."""
-    if len(strips) == 1:
-        return strips[0]
-    if axis == "h":
-        out = Image.new(strips[0].mode, (strips[0].width, sum(s.height for s in strips)))
-    else:
-        out = Image.new(strips[0].mode, (sum(s.width for s in strips), strips[0].height))
-    offset = 0
-    for strip in strips:
-        out.paste(strip, (0, offset) if axis == "h" else (offset, 0))
-        offset += strip.height if axis == "h" else strip.width
-    return out
-
-
 Fill = Callable[[int, int, Image.Image], None]  # (left, top, strip of the resized image)
 
 
 class StripResize:
     """One image.resize(size, BICUBIC) in flight on a pool, in strips.
 
-    The first of two passes is queued when the object is made; finish() waits for it and queues the
-    last pass, whose strips are cut at multiples of `align` and handed to a callback on the pool
-    thread that made them. Two resizes of one image can so keep every core busy: queue both, then
-    finish both.
+    The first of two passes is queued as soon as the source rows it needs are there: all at once by
+    default, or as release(rows) reports more of an image still being decoded. finish() (called once
+    the source is complete) waits for that pass and queues the last one, whose strips are cut at
+    multiples of `align` and handed to a callback on the pool thread that made them. Two resizes of
+    one image can so keep every core busy: start both, then finish both.
     """
 
     def __init__(
@@ -129,23 +115,67 @@ class StripResize:
         size: tuple[int, int],
         workers: int,
         min_strip_pixels: int = MIN_STRIP_PIXELS,
+        *,
+        first_parts: int | None = None,
+        rows_ready: int | None = None,
     ) -> None:
         self.pool, self.size, self.workers = pool, size, workers
         self.min_strip_pixels = min_strip_pixels
         self.passes = pass_order(image.size, size)
         self.image = image
-        self.first: list[Future[Image.Image]] = []
+        self.first: list[Future[None]] = []
+        self._waiting: list[tuple[int, int]] = []  # first-pass strips not queued yet
+        # The first pass's output, filled in place by its strips. Allocated on the pool (tens of MB of
+        # zeros are milliseconds the caller should spend decoding); queued before any strip, so it is
+        # running or done by the time a strip waits for it.
+        self._between: Future[Image.Image] | None = None
         if len(self.passes) == 2:
-            self.first = self._queue(image, self.passes[0], strip_count(image, workers, min_strip_pixels), 1)
+            parts = first_parts or strip_count(image, workers, min_strip_pixels)
+            self._waiting = bands(image.height if self.passes[0] == "h" else image.width, parts)
+            between = (size[0], image.height) if self.passes[0] == "h" else (image.width, size[1])
+            self._between = pool.submit(Image.new, image.mode, between)
+        self.release(image.height if rows_ready is None else rows_ready)
 
-    def _queue(self, image: Image.Image, axis: str, parts: int, align: int) -> list[Future[Image.Image]]:
-        length = self.size[0] if axis == "h" else self.size[1]
-        cut = image.height if axis == "h" else image.width
-        return [self.pool.submit(one_pass, image, axis, length, a, b) for a, b in bands(cut, parts, align)]
+    def _first_strip(self, start: int, end: int) -> None:
+        axis = self.passes[0]
+        strip = one_pass(self.image, axis, self.size[0] if axis == "h" else self.size[1], start, end)
+        assert self._between is not None
+        self._between.result().paste(strip, (0, start) if axis == "h" else (start, 0))  # disjoint regions
+
+    def release(self, rows: int, limit: int | None = None) -> int:
+        """Queue the first-pass strips that need only the source's top `rows` rows, at most `limit`
+        of them; returns how many were queued."""
+        if not self._waiting:
+            return 0
+        axis = self.passes[0]
+        queued = 0
+        while self._waiting and (limit is None or queued < limit):
+            start, end = self._waiting[0]
+            if (end if axis == "h" else self.image.height) > rows:
+                break
+            self._waiting.pop(0)
+            self.first.append(self.pool.submit(self._first_strip, start, end))
+            queued += 1
+        return queued
+
+    def in_flight(self) -> int:
+        """First-pass strips queued or running."""
+        return sum(not future.done() for future in self.first)
+
+    def cancel(self) -> None:
+        """Drop what has not started: the source will not be finished."""
+        self._waiting.clear()
+        for future in self.first:
+            future.cancel()
 
     def finish(self, fill: Fill, align: int = 1) -> list[Future[None]]:
-        """Queue the last pass; each of its strips goes to fill(left, top, strip). Returns its futures."""
-        image = join([f.result() for f in self.first], self.passes[0]) if self.first else self.image
+        """Queue the last pass; each of its strips goes to fill(left, top, strip). Returns its futures.
+
+        Call it once the source image is complete."""
+        self.release(self.image.height)
+        for future in self.first:
+            future.result()
+        image = self.image if self._between is None else self._between.result()
         axis = self.passes[-1] if self.passes else "h"
 
         def strip(start: int, end: int) -> None:
