@@ -16,6 +16,7 @@ import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+from model_runtime import resize
 from model_runtime.checkpoint import LoadedCheckpoint, load_checkpoint
 from model_runtime.config import EngineConfig
 from model_runtime.engine import Engine
@@ -65,6 +66,7 @@ class Worker:
         return worker
 
     def _warm_up(self) -> None:
+        resize.matches_pillow()  # the once-per-process check, here rather than in the first request
         request = self.processor.process(
             "warmup",
             ChatInput((Message("user", ("warm up",)),)),

@@ -119,3 +119,16 @@ def test_decoded_rows_never_runs_ahead_of_the_decoder() -> None:
     assert rows.update() == 200
     canvas.paste((5, 5, 5), (0, 200, 64, 400))
     assert rows.update() == 400
+
+
+def test_concurrent_images_share_the_pool_without_mixing_pixels() -> None:
+    # The server decodes several requests' images at once on its preprocessing threads, all sharing
+    # one resize pool.
+    from concurrent.futures import ThreadPoolExecutor
+
+    payloads = [jpeg(photo(*SIZE, seed=s)) for s in range(3)] + [jpeg(photo(2000, 1100, seed=9))]
+    expected = [ref_load_image(data) for data in payloads]
+    with ThreadPoolExecutor(max_workers=4) as callers:
+        results = list(callers.map(lambda d: load_image(d, parallel=True), payloads * 2))
+    for got, want in zip(results, expected * 2, strict=True):
+        assert_same(got, want)
