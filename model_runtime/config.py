@@ -1,40 +1,76 @@
-"""EngineConfig: everything the runtime needs to load a checkpoint and serve it."""
+"""EngineConfig: everything the runtime needs to load a checkpoint and serve it.
+
+EngineOptions holds every engine option but the checkpoint, each with its default and the one-line
+doc that `internvl-serve --help`, the YAML file and the README show: server.settings.Settings
+inherits them, so the server and the runtime cannot disagree on a name or a default.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
 
 
-@dataclass(frozen=True)
-class EngineConfig:
+class EngineOptions(BaseModel):
+    """The engine's options (all but `model`); field names are also the server's setting names."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    revision: str | None = None
+    """hub revision (branch, tag or commit) of the checkpoint"""
+    dtype: str = "auto"
+    """auto (bf16 on GPU, fp32 on CPU), bfloat16, float16 or float32"""
+    device: str = "auto"
+    """auto (cuda if available), cuda, cuda:N or cpu"""
+    quantization: Literal["8bit", "4bit"] | None = None
+    """8bit or 4bit weights for the LLM's linear layers (bitsandbytes; the 'quant' extra); None = off"""
+    device_map: str | None = None
+    """e.g. 'auto' to spread a large model over GPUs (needs accelerate)"""
+    attn_implementation: str = "auto"
+    """auto (flash_attention_2 when installed, else sdpa), sdpa, eager, flash_attention_2"""
+    allow_pickle: bool = False
+    """read .bin (pickle) weights; off because unpickling can run code"""
+    template: str | None = None
+    """override the checkpoint's conversation template"""
+    seed: int = 0
+    """engine seed for requests without one"""
+    max_model_len: int | None = None
+    """context length; None = the LLM's max_position_embeddings, capped at 32768"""
+    max_num_seqs: int = 64
+    """sequences generated together"""
+    max_num_batched_tokens: int = 8192
+    """tokens per engine step (prefill budget)"""
+    max_waiting: int = 256
+    """queued requests before new ones get 503"""
+    kv_cache_memory_gib: float | None = None
+    """KV cache size; None = a fraction of free device memory (CPU: 2 GiB)"""
+    vision_cache_mib: int = 256
+    """cache of image embeddings, MiB"""
+    max_tiles_per_image: int | None = None
+    """tiles per image for detail=high; None = the checkpoint's max_dynamic_patch"""
+    max_tiles_ceiling: int = 24
+    """hard ceiling on tiles per image, whatever the checkpoint says"""
+    frames_per_video: int = 8
+    """frames sampled per video by default"""
+    max_frames_per_video: int = 64
+    """ceiling on frames sampled per video (requests asking more are clamped)"""
+    tiles_per_frame: int = 1
+    """tiles per video frame by default"""
+    max_image_pixels: int = 50_000_000
+    """largest decoded image, in pixels (decompression-bomb guard)"""
+    max_video_frames_in_file: int = 100_000
+    """videos declaring more frames are refused before decoding"""
+    max_video_duration_s: float = 3600.0
+    """videos longer than this are refused before decoding"""
+    preprocess_workers: int = 2
+    """threads decoding and tiling media"""
+    fast_jpeg_draft: bool = False
+    """decode large JPEGs at reduced size (~3x faster for 4000x3000; pixels deviate up to ~5/255)"""
+
+
+class EngineConfig(EngineOptions):
     """Settings of the model runtime; the server builds one from its Settings."""
 
     model: str
-    revision: str | None = None
-    dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
-    device: str = "auto"  # auto: cuda if available, else cpu
-    device_map: str | None = None  # e.g. "auto" to spread a large model over GPUs (needs accelerate)
-    quantization: str | None = None  # None, "8bit" or "4bit": the LLM's linear layers via bitsandbytes
-    attn_implementation: str = "auto"  # auto: flash_attention_2 when installed, else sdpa
-    allow_pickle: bool = False  # read .bin (pickle) weights only when explicitly allowed
-    template: str | None = None  # override the conversation template
-    seed: int = 0
-    # Scheduling and memory.
-    max_model_len: int | None = None  # default: the LLM's max_position_embeddings, capped at 32768
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 8192
-    max_waiting: int = 256
-    kv_cache_memory_gib: float | None = None  # default: a fraction of free device memory (CPU: 2 GiB)
-    vision_cache_mib: int = 256
-    # Media.
-    max_tiles_per_image: int | None = None  # default: the checkpoint's max_dynamic_patch
-    max_tiles_ceiling: int = 24
-    frames_per_video: int = 8
-    max_frames_per_video: int = 64
-    tiles_per_frame: int = 1
-    max_image_pixels: int = 50_000_000
-    max_video_frames_in_file: int = 100_000
-    max_video_duration_s: float = 3600.0
-    preprocess_workers: int = 2
-    # Opt-in: JPEG DCT-domain downscaling before tiling; faster, but pixels differ from the reference.
-    fast_jpeg_draft: bool = False
+    """checkpoint directory or hub id"""

@@ -22,7 +22,7 @@ import uvicorn
 from model_runtime.engine_client import EngineClient
 from server.app import begin_drain, create_app
 from server.log import configure_logging
-from server.settings import Settings, SettingsError, field_kind
+from server.settings import Settings, SettingsError, field_kind, option_order
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--config", default=argparse.SUPPRESS, help="YAML file of settings (env: INTERNVL_CONFIG)"
     )
-    for name, info in Settings.model_fields.items():
+    for name in option_order():
+        info = Settings.model_fields[name]
         flags = FLAG_NAMES.get(name, ["--" + name.replace("_", "-")])
         default = "(hidden)" if name == "api_keys" else info.get_default(call_default_factory=True)
         help_text = f"{info.description or name.replace('_', ' ')} (default: {default})"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import types
 import typing
 from collections.abc import Mapping
@@ -10,9 +9,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, Field, ValidationError
 
-from model_runtime.config import EngineConfig
+from model_runtime.config import EngineConfig, EngineOptions
 
 ENV_PREFIX = "INTERNVL_"
 # Environment names kept short and singular where users expect them (INTERNVL_API_KEY=a,b).
@@ -27,8 +26,11 @@ class SettingsError(ValueError):
     """The configuration is invalid; the message names the setting and where it came from."""
 
 
-class Settings(BaseModel):
-    """Every server option; field names are the YAML keys, `--kebab-case` flags and INTERNVL_* names."""
+class Settings(EngineOptions):
+    """Every server option; field names are the YAML keys, `--kebab-case` flags and INTERNVL_* names.
+
+    The engine's options come from EngineOptions (model_runtime/config.py) and are forwarded whole.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
@@ -88,58 +90,6 @@ class Settings(BaseModel):
     default_max_tokens: int | None = Field(None, ge=1)
     """max_tokens of requests that set none; None = up to the end of the context"""
 
-    # Engine: forwarded to model_runtime.config.EngineConfig (same names, same defaults).
-    revision: str | None = None
-    """hub revision (branch, tag or commit) of the checkpoint"""
-    dtype: str = "auto"
-    """auto (bf16 on GPU, fp32 on CPU), bfloat16, float16 or float32"""
-    device: str = "auto"
-    """auto (cuda if available), cuda, cuda:N or cpu"""
-    quantization: Literal["8bit", "4bit"] | None = None
-    """8bit or 4bit weights for the LLM's linear layers (bitsandbytes; the 'quant' extra); None = off"""
-    device_map: str | None = None
-    """e.g. 'auto' to spread a large model over GPUs (needs accelerate)"""
-    attn_implementation: str = "auto"
-    """auto (flash_attention_2 when installed, else sdpa), sdpa, eager, flash_attention_2"""
-    allow_pickle: bool = False
-    """read .bin (pickle) weights; off because unpickling can run code"""
-    template: str | None = None
-    """override the checkpoint's conversation template"""
-    seed: int = 0
-    """engine seed for requests without one"""
-    max_model_len: int | None = None
-    """context length; None = the LLM's max_position_embeddings, capped at 32768"""
-    max_num_seqs: int = 64
-    """sequences generated together"""
-    max_num_batched_tokens: int = 8192
-    """tokens per engine step (prefill budget)"""
-    max_waiting: int = 256
-    """queued requests before new ones get 503"""
-    kv_cache_memory_gib: float | None = None
-    """KV cache size; None = a fraction of free device memory (CPU: 2 GiB)"""
-    vision_cache_mib: int = 256
-    """cache of image embeddings, MiB"""
-    max_tiles_per_image: int | None = None
-    """tiles per image for detail=high; None = the checkpoint's max_dynamic_patch"""
-    max_tiles_ceiling: int = 24
-    """hard ceiling on tiles per image, whatever the checkpoint says"""
-    frames_per_video: int = 8
-    """frames sampled per video by default"""
-    max_frames_per_video: int = 64
-    """ceiling on frames sampled per video (requests asking more are clamped)"""
-    tiles_per_frame: int = 1
-    """tiles per video frame by default"""
-    max_image_pixels: int = 50_000_000
-    """largest decoded image, in pixels (decompression-bomb guard)"""
-    max_video_frames_in_file: int = 100_000
-    """videos declaring more frames are refused before decoding"""
-    max_video_duration_s: float = 3600.0
-    """videos longer than this are refused before decoding"""
-    preprocess_workers: int = 2
-    """threads decoding and tiling media"""
-    fast_jpeg_draft: bool = False
-    """decode large JPEGs at reduced size (~3x faster for 4000x3000; pixels deviate up to ~5/255)"""
-
     def to_engine_config(self, model_path: str | None = None) -> EngineConfig:
         """The engine's settings; `model_path` replaces `model` once 'demo' or a hub id is resolved."""
         model = model_path or self.model
@@ -147,10 +97,7 @@ class Settings(BaseModel):
             raise SettingsError(
                 "model: no model given (use --model, INTERNVL_MODEL or 'model:' in the YAML file)"
             )
-        forwarded = {
-            f.name: getattr(self, f.name) for f in dataclasses.fields(EngineConfig) if f.name != "model"
-        }
-        return EngineConfig(model=model, **forwarded)
+        return EngineConfig(model=model, **self.model_dump(include=set(EngineOptions.model_fields)))
 
     @classmethod
     def load(
@@ -180,6 +127,13 @@ class Settings(BaseModel):
             err = exc.errors()[0]
             key = str(err["loc"][0]) if err["loc"] else "?"
             raise SettingsError(f"{key} (from {origin.get(key, 'defaults')}): {err['msg']}") from None
+
+
+def option_order() -> list[str]:
+    """Setting names as --help lists them: the server's own first (serving, security, media,
+    limits), then the engine's."""
+    own = [name for name in Settings.model_fields if name not in EngineOptions.model_fields]
+    return own + list(EngineOptions.model_fields)
 
 
 def field_kind(name: str) -> str:

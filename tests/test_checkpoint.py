@@ -488,8 +488,15 @@ def test_quantized_language_model_stays_close(mode: str, tiny_checkpoints, load_
 
 
 def test_unknown_quantization_is_refused(tiny_checkpoints) -> None:
+    from pydantic import ValidationError
+
     from model_runtime.checkpoint import load_checkpoint
     from model_runtime.config import EngineConfig
 
-    with pytest.raises(CheckpointError, match="unknown quantization"):
-        load_checkpoint(EngineConfig(model=str(tiny_checkpoints[("qwen2", "original")]), quantization="3bit"))
+    model = str(tiny_checkpoints[("qwen2", "original")])
+    with pytest.raises(ValidationError, match="8bit"):  # the config itself refuses it
+        EngineConfig(model=model, quantization="3bit")
+    with pytest.raises(CheckpointError, match="unknown quantization"):  # and so does the loader
+        load_checkpoint(
+            EngineConfig.model_construct(**{**EngineConfig(model=model).model_dump(), "quantization": "3bit"})
+        )

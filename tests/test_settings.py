@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -10,9 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from model_runtime.config import EngineConfig
+from model_runtime.config import EngineConfig, EngineOptions
 from server.cli import build_parser, parse_settings
-from server.settings import Settings, SettingsError
+from server.settings import Settings, SettingsError, option_order
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -107,12 +106,11 @@ def test_yaml_errors(tmp_path: Path) -> None:
 
 
 def test_engine_config_forwards_every_field() -> None:
-    engine_fields = {f.name: f for f in dataclasses.fields(EngineConfig)}
-    for name, field in engine_fields.items():
-        if name == "model":
-            continue
-        assert name in Settings.model_fields, name
-        assert Settings.model_fields[name].default == field.default, name  # same defaults as the runtime
+    # One definition: Settings inherits the engine's options, defaults and docs included.
+    assert issubclass(Settings, EngineOptions)
+    assert set(EngineConfig.model_fields) == set(EngineOptions.model_fields) | {"model"}
+    assert option_order()[: len(Settings.model_fields) - len(EngineOptions.model_fields)][0] == "model"
+    assert sorted(option_order()) == sorted(Settings.model_fields)
     s = Settings(model="demo", max_num_seqs=3, kv_cache_memory_gib=1.5, allow_pickle=True)
     config = s.to_engine_config("/models/tiny")
     assert (config.model, config.max_num_seqs, config.kv_cache_memory_gib, config.allow_pickle) == (
