@@ -125,15 +125,15 @@ class StripResize:
         self.image = image
         self.first: list[Future[None]] = []
         self._waiting: list[tuple[int, int]] = []  # first-pass strips not queued yet
-        # The first pass's output, filled in place by its strips. Allocated on the pool (tens of MB of
-        # zeros are milliseconds the caller should spend decoding); queued before any strip, so it is
-        # running or done by the time a strip waits for it.
+        # The first pass's output, filled in place by its strips, which cover all of it (so it is
+        # not initialised). Allocated on the pool, queued before any strip, so it is running or
+        # done by the time a strip waits for it.
         self._between: Future[Image.Image] | None = None
         if len(self.passes) == 2:
             parts = first_parts or strip_count(image, workers, min_strip_pixels)
             self._waiting = bands(image.height if self.passes[0] == "h" else image.width, parts)
             between = (size[0], image.height) if self.passes[0] == "h" else (image.width, size[1])
-            self._between = pool.submit(Image.new, image.mode, between)
+            self._between = pool.submit(Image.new, image.mode, between, None)
         self.release(image.height if rows_ready is None else rows_ready)
 
     def _first_strip(self, start: int, end: int) -> None:
