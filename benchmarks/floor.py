@@ -144,8 +144,22 @@ class Shapes:
         return self.layers * 2 * context * self.kv_dim * element
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype, size: int = 2048, runs: int = 5) -> float:
-    """The best operations per second of one large square matrix multiply."""
+def decode_weight_bytes(model) -> int:
+    """Bytes of weights one decode step must read: the language model's layers, final norm and
+    output head. Not the vision tower or projector, and not the input embedding table, of which a
+    step reads one row (unless it is tied to the head, where the head's read counts it once)."""
+    language_model = model.model.language_model
+    embedding = language_model.get_input_embeddings().weight
+    tensors = {id(t): t for t in (*language_model.parameters(), *model.lm_head.parameters())}
+    if all(t is not embedding for t in model.lm_head.parameters()):
+        tensors.pop(id(embedding))
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, runs: int = 5) -> float:
+    """The best operations per second of one large square matrix multiply (2048 on a CPU, 8192 on a
+    GPU, which a smaller one cannot fill)."""
+    size = 8192 if device.type == "cuda" else 2048
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     best = float("inf")
@@ -196,8 +210,7 @@ def measure(processor: Processor, chats: list[ChatInput], max_tokens: int) -> Fl
         shapes.prefill_flops(p) for p in floor.prompt_tokens
     )
     element = torch.finfo(model.dtype).bits // 8
-    weights = sum(t.numel() * t.element_size() for t in model.parameters())
-    weights -= model.model.vision_tower.num_parameters() * element  # the decode never reads the vision tower
+    weights = decode_weight_bytes(model)
     for step in range(max_tokens):
         contexts = [p + step for p in floor.prompt_tokens]
         flops = sum(shapes.decode_flops(c) for c in contexts)

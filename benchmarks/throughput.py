@@ -156,6 +156,28 @@ def prefill_efficiency(worker: Worker, chats: list[ChatInput], workload: Workloa
     return ours, plain
 
 
+def roofline_tokens_per_s(worker: Worker, chats: list[ChatInput], workload: Workload) -> float:
+    """The most output tokens/s one request at a time could reach: each decode step reads every
+    language-model weight and the request's KV cache once at the measured memory bandwidth (and
+    does its operations at the measured matmul peak, if that is slower). benchmarks/floor.py."""
+    from floor import Shapes, decode_weight_bytes, matmul_peak, memory_bandwidth
+
+    loaded = worker.loaded
+    model, device = loaded.model, loaded.device
+    bandwidth, peak = memory_bandwidth(device), matmul_peak(device, model.dtype)
+    shapes = Shapes.of(model.config, loaded.tokens_per_tile)
+    weights, element = decode_weight_bytes(model), torch.finfo(model.dtype).bits // 8
+    seconds, tokens = 0.0, 0
+    for i, chat in enumerate(chats):
+        prompt = worker.processor.process(f"roof-{i}", chat, params_for(workload)).prompt_len
+        for step in range(workload.max_tokens):
+            context = prompt + step
+            bytes_read = weights + shapes.kv_bytes(context, element)
+            seconds += max(bytes_read / bandwidth, shapes.decode_flops(context) / peak)
+            tokens += 1
+    return tokens / seconds
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -208,13 +230,21 @@ def main(argv: list[str] | None = None) -> int:
             print(f"baseline (generate, one at a time): {base_tps:8.1f} output tok/s")
             print("| concurrency | worker tok/s | vs baseline | greedy identical |")
             print("|---:|---:|---:|:---:|")
+            single = None
             for concurrency in args.concurrency:
                 count = max(args.rounds * concurrency, args.baseline_requests)
                 chats = make_chats(workload, count)
                 tps, outs = asyncio.run(run_worker(worker, chats, workload, concurrency))
                 same = all(outs[i] == base_out[i] for i in range(args.baseline_requests))
                 ok &= same
+                single = tps if concurrency == 1 else single
                 print(f"| {concurrency} | {tps:.1f} | {tps / base_tps:.2f}x | {'yes' if same else 'NO'} |")
+            if single is not None and not workload.with_image:
+                roof = roofline_tokens_per_s(worker, make_chats(workload, args.baseline_requests), workload)
+                print(
+                    f"concurrency 1 against the memory-bandwidth roofline: at most {roof:.1f} tok/s, "
+                    f"measured {single:.1f} ({single / roof:.0%} of the roofline)"
+                )
             if workload.with_image:
                 count = min(max(args.concurrency), worker.engine.cache.num_slots)
                 ours, plain = prefill_efficiency(worker, make_chats(workload, count), workload)

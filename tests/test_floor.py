@@ -53,3 +53,15 @@ def test_floor_script_runs_end_to_end(tmp_path: Path, tiny_checkpoints) -> None:
         result["media_s"] + result["prefill_s"] + result["decode_s"], abs=2e-3
     )
     assert result["max_ratio"] == pytest.approx(result["req_per_s"] / 0.5, rel=1e-2)
+
+
+def test_decode_reads_the_language_model_and_head_but_not_the_embedding_table(
+    tiny_checkpoints, load_cached
+) -> None:
+    model = load_cached(tiny_checkpoints[("qwen2", "original")]).model
+    language_model = model.model.language_model
+    table = language_model.get_input_embeddings().weight
+    assert model.lm_head.weight is not table  # untied in the tiny checkpoints
+    size = sum(t.numel() * t.element_size() for t in language_model.parameters())
+    size += model.lm_head.weight.numel() * model.lm_head.weight.element_size()
+    assert floor.decode_weight_bytes(model) == size - table.numel() * table.element_size()
