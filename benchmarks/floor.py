@@ -244,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", help="a checkpoint directory instead of a random model")
     parser.add_argument("--workload", default="image", choices=WORKLOADS)
     parser.add_argument("--requests", type=int, default=16)
+    parser.add_argument("--first-index", type=int, default=0, help="index of the first request (serve.py's)")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
@@ -263,8 +264,12 @@ def main(argv: list[str] | None = None) -> int:
         loaded = load_checkpoint(config)
         processor = Processor(loaded, config)
         # The same requests serve.py sends, warm-up first (a different index, not timed).
-        chats = [chat_input(build_messages(args.workload, i, args.seed)) for i in range(args.requests)]
-        measure(processor, [chat_input(build_messages(args.workload, args.requests, args.seed))], 2)
+        first = args.first_index
+        chats = [
+            chat_input(build_messages(args.workload, i, args.seed))
+            for i in range(first, first + args.requests)
+        ]
+        measure(processor, [chat_input(build_messages(args.workload, first + args.requests, args.seed))], 2)
         floor = measure(processor, chats, args.max_tokens)
 
     tokens = floor.prompt_tokens

@@ -29,7 +29,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -115,7 +115,7 @@ async def bench_server(
     options: RequestOptions,
     args: argparse.Namespace,
     loads: Sequence[Load],
-    payloads: dict[str, list[list[dict[str, Any]]]],
+    payloads: dict[str, Payloads],
 ) -> list[Summary]:
     """Every workload at every load against one server; prints each row as it is measured."""
     url = base_url + "/chat/completions"
@@ -131,8 +131,7 @@ async def bench_server(
     )
     rows = []
     for workload in args.workloads:
-        bodies = [encode_body(m, options) for m in payloads[workload]]
-        warm, measured = bodies[: args.warmup], bodies[args.warmup :]
+        warm = [encode_body(m, options) for m in payloads[workload].warmup]
         if warm:
             warm_results, _ = await run_load(
                 url,
@@ -144,10 +143,10 @@ async def bench_server(
             failed = [r.error for r in warm_results if not r.ok]
             if failed:
                 print(f"[{name}] {workload} warm-up failed: {failed[0]}", flush=True)
-        for load in loads:
+        for load, messages in zip(loads, payloads[workload].runs, strict=True):
             results, wall = await run_load(
                 url,
-                measured,
+                [encode_body(m, options) for m in messages],
                 load,
                 run_timeout_s=args.run_timeout,
                 request_timeout_s=args.request_timeout,
@@ -159,13 +158,35 @@ async def bench_server(
     return rows
 
 
-def make_payloads(args: argparse.Namespace) -> dict[str, list[list[dict[str, Any]]]]:
-    """Messages of every request (warm-up first), built once, seeded: every server gets the same ones."""
+@dataclass
+class Payloads:
+    """One workload's messages: the warm-up requests and, per load, the requests of that run."""
+
+    warmup: list[list[dict[str, Any]]]
+    runs: list[list[list[dict[str, Any]]]]
+
+
+def run_indices(run: int, num_prompts: int) -> range:
+    """Request indices of the run-th load: every run gets media of its own, so that no server's image
+    cache can answer a later run from an earlier one's images (ours keeps vision features)."""
+    return range(run * num_prompts, (run + 1) * num_prompts)
+
+
+def make_payloads(args: argparse.Namespace, runs: int) -> dict[str, Payloads]:
+    """Messages of every request, built once, seeded: every server gets the same ones."""
     started = time.perf_counter()
-    count = args.warmup + args.num_prompts
-    # Warm-up requests come from indices past the measured ones: never the same media twice.
-    indices = list(range(args.num_prompts, count)) + list(range(args.num_prompts))
-    payloads = {w: [build_messages(w, i, args.seed) for i in indices] for w in args.workloads}
+    warm = range(runs * args.num_prompts, runs * args.num_prompts + args.warmup)  # past every run's
+    payloads = {
+        w: Payloads(
+            warmup=[build_messages(w, i, args.seed) for i in warm],
+            runs=[
+                [build_messages(w, i, args.seed) for i in run_indices(k, args.num_prompts)]
+                for k in range(runs)
+            ],
+        )
+        for w in args.workloads
+    }
+    count = runs * args.num_prompts + args.warmup
     print(f"built {count} requests per workload in {time.perf_counter() - started:.1f} s", flush=True)
     return payloads
 
@@ -212,11 +233,12 @@ def goal_lines(rows: Sequence[Summary], floor: dict[str, Any] | None = None) -> 
     return lines
 
 
-def run_floor(args: argparse.Namespace, model: str, work: Path) -> dict[str, Any] | None:
-    """benchmarks/floor.py on the goal workload's requests, in a child process (it loads the model)."""
+def run_floor(args: argparse.Namespace, model: str, work: Path, first: int) -> dict[str, Any] | None:
+    """benchmarks/floor.py on the goal workload's requests (from index `first`), in a child process
+    (it loads the model)."""
     out = work / "floor.json"
     command = [sys.executable, str(Path(__file__).with_name("floor.py")), "--model", model]
-    command += ["--workload", GOAL_WORKLOAD, "--requests", str(args.num_prompts)]
+    command += ["--workload", GOAL_WORKLOAD, "--requests", str(args.num_prompts), "--first-index", str(first)]
     command += ["--max-tokens", str(args.max_tokens), "--seed", str(args.seed)]
     command += ["--device", args.device, "--dtype", args.dtype, "--json", str(out)]
     print("[floor] " + " ".join(command[1:]), flush=True)
@@ -297,7 +319,7 @@ async def run(args: argparse.Namespace) -> tuple[list[Summary], dict[str, Any] |
     loads += [Load(concurrency=args.max_concurrency, rate=r) for r in args.request_rate]
     if args.base_url:
         check_loopback(args.base_url)
-    payloads = make_payloads(args)
+    payloads = make_payloads(args, len(loads))
     if args.base_url:
         options = RequestOptions(args.model_name, args.max_tokens)
         name = urlsplit(args.base_url).netloc
@@ -315,7 +337,7 @@ async def run(args: argparse.Namespace) -> tuple[list[Summary], dict[str, Any] |
 async def compare(
     args: argparse.Namespace,
     loads: Sequence[Load],
-    payloads: dict[str, list[list[dict[str, Any]]]],
+    payloads: dict[str, Payloads],
     work: Path,
 ) -> tuple[list[Summary], dict[str, Any] | None]:
     """Start each peer in turn (never two at once: they would share the CPU), measure it, stop it;
@@ -348,7 +370,11 @@ async def compare(
                 rows += await bench_server(name, base_url, peer.options, args, loads, payloads)
         except RuntimeError as exc:
             print(f"[{name}] FAILED: {exc}", flush=True)
-    floor = None if args.no_floor or GOAL_WORKLOAD not in args.workloads else run_floor(args, original, work)
+    goal = [k for k, load in enumerate(loads) if load.concurrency == GOAL_CONCURRENCY and load.rate is None]
+    floor = None
+    if not args.no_floor and GOAL_WORKLOAD in args.workloads:
+        first = run_indices(goal[0] if goal else 0, args.num_prompts).start
+        floor = run_floor(args, original, work, first)
     return rows, floor
 
 

@@ -7,6 +7,7 @@ leaves the device unusable (anything but out-of-memory on CUDA) marks the engine
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 
@@ -16,7 +17,7 @@ from model_runtime.checkpoint import LoadedCheckpoint
 from model_runtime.config import EngineConfig
 from model_runtime.detokenizer import IncrementalDetokenizer
 from model_runtime.errors import RequestFailedError
-from model_runtime.kv_cache import CacheShape, SlotKVCache, slots_for_budget
+from model_runtime.kv_cache import CacheShape, SlotKVCache, default_capacity, slots_for_budget
 from model_runtime.request import CompletionDelta, EngineStats, RequestOutput, TokenLogprob
 from model_runtime.runner import ModelRunner
 from model_runtime.sampling import make_generator
@@ -28,6 +29,11 @@ log = logging.getLogger(__name__)
 
 CPU_DEFAULT_CACHE_GIB = 2.0
 GPU_CACHE_FRACTION = 0.85  # of the memory left free after the model is loaded
+FEW_SLOTS = 8  # fewer concurrent sequences than this (and than max_num_seqs) is worth a warning
+# When the user sets no max_model_len: room for this many sequences (or max_num_seqs if fewer), by
+# a shorter context than the model's if need be, but never shorter than DEFAULT_MIN_MODEL_LEN.
+DEFAULT_MIN_SLOTS = 16
+DEFAULT_MIN_MODEL_LEN = 8192
 
 
 class FatalEngineError(RuntimeError):
@@ -50,18 +56,38 @@ def cache_budget_bytes(config: EngineConfig, device: torch.device) -> int:
     return int(CPU_DEFAULT_CACHE_GIB * 2**30)
 
 
+def serving_length(config: EngineConfig, shape: CacheShape, dtype: torch.dtype, budget: int) -> int:
+    """The max_model_len to serve: the user's, or kv_cache.default_capacity's choice (logged)."""
+    if config.max_model_len is not None:
+        return shape.capacity
+    want = min(config.max_num_seqs, DEFAULT_MIN_SLOTS)
+    capacity = default_capacity(shape, dtype, budget, want_slots=want, min_len=DEFAULT_MIN_MODEL_LEN)
+    if capacity < shape.capacity:
+        log.info(
+            "max_model_len %d (the model allows %d, but the KV cache would then hold only %d "
+            "sequences); set --max-model-len to choose",
+            capacity,
+            shape.capacity,
+            slots_for_budget(shape, dtype, budget, config.max_num_seqs),
+        )
+    return capacity
+
+
 class Engine:
     """Synchronous engine; the worker calls add/abort/step from its own thread."""
 
     def __init__(self, loaded: LoadedCheckpoint, config: EngineConfig) -> None:
-        self.loaded = loaded
         self.config = config
         text = loaded.model.config.text_config
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         shape = CacheShape(text.num_hidden_layers, text.num_key_value_heads, head_dim, loaded.max_model_len)
-        num_slots = slots_for_budget(
-            shape, loaded.dtype, cache_budget_bytes(config, loaded.device), config.max_num_seqs
-        )
+        budget = cache_budget_bytes(config, loaded.device)
+        capacity = serving_length(config, shape, loaded.dtype, budget)
+        if capacity != shape.capacity:
+            shape = dataclasses.replace(shape, capacity=capacity)
+            loaded = dataclasses.replace(loaded, max_model_len=capacity)
+        self.loaded = loaded  # with the max_model_len this engine serves
+        num_slots = slots_for_budget(shape, loaded.dtype, budget, config.max_num_seqs)
         layers = loaded.model.model.language_model.layers
         devices = [next(layer.parameters()).device for layer in layers]
         self.cache = SlotKVCache(shape, num_slots, loaded.dtype, devices)
@@ -83,6 +109,16 @@ class Engine:
             shape.capacity,
             self.cache.total_bytes / 2**20,
         )
+        if num_slots < min(config.max_num_seqs, FEW_SLOTS):
+            # Each slot holds a whole max_model_len context, so a long context leaves few of them.
+            log.warning(
+                "the KV cache holds only %d sequences of %d tokens: at most %d requests run at once. "
+                "Lower --max-model-len (the longest prompt + answer you serve) or raise "
+                "--kv-cache-memory-gib to run more together.",
+                num_slots,
+                shape.capacity,
+                num_slots,
+            )
 
     # -- requests ----------------------------------------------------------------------------------
 

@@ -25,6 +25,24 @@ class CacheShape:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.capacity * element
 
 
+def default_capacity(
+    shape: CacheShape, dtype: torch.dtype, budget_bytes: int, *, want_slots: int, min_len: int
+) -> int:
+    """max_model_len when the user chose none: the model's own (shape.capacity) if `want_slots`
+    sequences of it fit in the budget; otherwise the longest context that lets them fit, in
+    multiples of 1024, but never below min_len nor above the model's.
+
+    Why: every slot holds a whole max_model_len context, so the model's own length (32768 for
+    InternVL3) can leave room for only a couple of sequences, and the server would run requests
+    nearly one at a time.
+    """
+    if slots_for_budget(shape, dtype, budget_bytes, want_slots) >= want_slots:
+        return shape.capacity
+    per_token = shape.bytes_per_slot(dtype) // shape.capacity
+    fit = budget_bytes // (want_slots * per_token) // 1024 * 1024
+    return min(shape.capacity, max(min_len, fit))
+
+
 def slots_for_budget(shape: CacheShape, dtype: torch.dtype, budget_bytes: int, max_num_seqs: int) -> int:
     """How many sequences fit in `budget_bytes`; at least one, at most max_num_seqs."""
     return max(1, min(max_num_seqs, budget_bytes // shape.bytes_per_slot(dtype)))

@@ -36,8 +36,8 @@ class Worker:
 
     def __init__(self, loaded: LoadedCheckpoint, config: EngineConfig) -> None:
         self.config = config
-        self.loaded = loaded
         self.engine = Engine(loaded, config)
+        self.loaded = loaded = self.engine.loaded  # its max_model_len may be the engine's default
         self.processor = Processor(loaded, config, self.engine.vision_cache)
         self.info = ModelInfo(
             max_model_len=loaded.max_model_len,

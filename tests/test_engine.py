@@ -318,3 +318,50 @@ def test_serves_a_quantized_model(tmp_path) -> None:
     quant.run()
     assert all(len(r.seqs[0].output_ids) == 8 for r in requests)
     assert quant.engine.stats().extra["used_slots"] == 0
+
+
+def test_a_kv_cache_with_few_slots_is_announced(tiny_checkpoints, caplog) -> None:
+    path = tiny_checkpoints[("qwen2", "original")]
+    per_token = Harness(path, max_num_seqs=1).engine.cache.total_bytes / 4096  # one slot of 4096 tokens
+    with caplog.at_level("WARNING", logger="model_runtime.engine"):
+        few = Harness(path, kv_cache_memory_gib=3 * per_token * 4096 / 2**30)
+    assert few.engine.cache.num_slots == 3
+    assert "holds only 3 sequences of 4096 tokens" in caplog.text and "--max-model-len" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="model_runtime.engine"):
+        Harness(path, kv_cache_memory_gib=3 * per_token * 4096 / 2**30, max_num_seqs=3)  # all it may run
+    assert "holds only" not in caplog.text
+
+
+def test_default_context_leaves_room_for_sixteen_sequences() -> None:
+    from model_runtime.kv_cache import CacheShape, default_capacity
+
+    shape = CacheShape(num_layers=8, num_kv_heads=8, head_dim=64, capacity=32768)  # 32 KiB a token (fp32)
+    per_token = shape.bytes_per_slot(torch.float32) // shape.capacity
+    choose = lambda budget, **kw: default_capacity(shape, torch.float32, budget, **kw)  # noqa: E731
+    # Room for 16 at the model's own length: kept.
+    assert choose(16 * 32768 * per_token, want_slots=16, min_len=8192) == 32768
+    # 2 GiB: 16 sequences fit at 4096 tokens, but never below min_len.
+    assert choose(2 * 2**30, want_slots=16, min_len=8192) == 8192
+    assert choose(2 * 2**30, want_slots=16, min_len=1024) == 4096
+    # In multiples of 1024, never above the model's own.
+    assert choose(16 * 5000 * per_token, want_slots=16, min_len=1024) == 4096
+    assert choose(10**15, want_slots=16, min_len=65536) == 32768
+
+
+def test_an_unset_max_model_len_is_chosen_for_concurrency(tiny_checkpoints, caplog) -> None:
+    from model_runtime.worker import Worker
+
+    path = tiny_checkpoints[("qwen2", "original")]  # the model allows 32768 tokens
+    probe = Harness(path, max_model_len=32768, max_num_seqs=1)
+    per_token = probe.engine.cache.total_bytes // 32768
+    budget = 16 * 10_000 * per_token / 2**30  # 16 sequences of 10,000 tokens
+    with caplog.at_level("INFO", logger="model_runtime.engine"):
+        worker = Worker(probe.loaded, EngineConfig(model=str(path), kv_cache_memory_gib=budget))
+    assert worker.engine.cache.shape.capacity == 9216  # 9 x 1024
+    assert worker.engine.cache.num_slots == 17  # 160,000 tokens // 9216
+    assert worker.info.max_model_len == worker.engine.scheduler.max_model_len == 9216
+    assert "max_model_len 9216 (the model allows 32768" in caplog.text
+    # Chosen by the user: kept, however few sequences fit.
+    chosen = Harness(path, max_model_len=32768, kv_cache_memory_gib=budget)
+    assert chosen.engine.cache.shape.capacity == 32768 and chosen.engine.cache.num_slots == 4
