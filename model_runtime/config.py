@@ -36,7 +36,7 @@ class EngineOptions(BaseModel):
     seed: int = 0
     """engine seed for requests without one"""
     max_model_len: int | None = None
-    """context length; None = the LLM's max_position_embeddings (capped at 32768), shortened (not below 8192) if the KV cache could not hold 16 sequences of it"""
+    """context length; None = the model's, cut to fit 16 sequences in the KV cache (not below 8192)"""
     max_num_seqs: int = 64
     """sequences generated together"""
     max_num_batched_tokens: int = 8192
