@@ -17,7 +17,7 @@ How, using only public Pillow behaviour:
   A genuinely black row can only make it report fewer rows than are done, never more.
 - After load(), the caller checks that the decoded pixels really are the canvas's
   (`image.im is canvas.im`); if a future Pillow decodes elsewhere, it must redo the work from the
-  decoded image. tests/test_preprocess.py compares this path with the reference on baseline,
+  decoded image. tests/test_jpeg_stream.py compares this path with the reference on baseline,
   progressive, restart-marker and subsampled JPEGs.
 """
 

@@ -190,10 +190,17 @@ class StripResize:
         return [self.pool.submit(strip, a, b) for a, b in bands(cut, parts, align)]
 
 
-def resize(image: Image.Image, size: tuple[int, int], pool: ThreadPoolExecutor | None = None) -> Image.Image:
+def resize(
+    image: Image.Image,
+    size: tuple[int, int],
+    pool: ThreadPoolExecutor | None = None,
+    *,
+    workers: int | None = None,
+    min_strip_pixels: int = MIN_STRIP_PIXELS,
+) -> Image.Image:
     """Equals image.resize(size, BICUBIC), computed in strips on the pool (the shared one by default)."""
     out = Image.new(image.mode, size)
-    job = StripResize(pool or shared_pool(), image, size, pool_size())
+    job = StripResize(pool or shared_pool(), image, size, workers or pool_size(), min_strip_pixels)
     for future in job.finish(lambda left, top, strip: out.paste(strip, (left, top))):
         future.result()
     return out
@@ -209,11 +216,8 @@ def matches_pillow() -> bool:
     image = Image.fromarray(noise)
     with ThreadPoolExecutor(max_workers=2) as pool:
         for size in [(96, 96), (300, 60), (500, 400), (320, 100), (200, 240)]:
-            out = Image.new("RGB", size)
-            job = StripResize(pool, image, size, workers=3, min_strip_pixels=1)
-            for future in job.finish(lambda left, top, strip, out=out: out.paste(strip, (left, top))):
-                future.result()
-            if out.tobytes() != image.resize(size, BICUBIC).tobytes():
+            strips = resize(image, size, pool, workers=3, min_strip_pixels=1)
+            if strips.tobytes() != image.resize(size, BICUBIC).tobytes():
                 log.warning(
                     "Pillow %s resizes differently from what model_runtime.resize expects; "
                     "image resizes run on one thread each",
