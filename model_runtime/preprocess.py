@@ -145,22 +145,41 @@ def tiles_to_tensor(tiles: Sequence[Image.Image]) -> torch.Tensor:
     return _normalize_(pixels)
 
 
+class _TileTensor:
+    """[tiles (+ thumbnail), 3, S, S] float32, filled piece by piece from the resized grid image and
+    the thumbnail, each piece normalized as the reference's per-tile transform normalizes it."""
+
+    def __init__(self, cols: int, rows: int, image_size: int, use_thumbnail: bool) -> None:
+        self.size, self.cols, self.rows = image_size, cols, rows
+        self.n = cols * rows
+        self.thumbnail = use_thumbnail and self.n != 1
+        self.pixels = torch.empty(
+            (self.n + int(self.thumbnail), 3, image_size, image_size), dtype=torch.float32
+        )
+
+    def fill_grid(self, left: int, top: int, piece: Image.Image) -> None:
+        """A piece of the grid image made of whole tiles, its top-left corner at (left, top)."""
+        size = self.size
+        r, c, nr, nc = top // size, left // size, piece.height // size, piece.width // size
+        hwc = _hwc_uint8(piece).view(nr, size, nc, size, 3).permute(0, 2, 4, 1, 3)
+        tiles = self.pixels[: self.n].view(self.rows, self.cols, 3, size, size)
+        _normalize_(tiles[r : r + nr, c : c + nc].copy_(hwc))
+
+    def fill_thumbnail(self, left: int, top: int, piece: Image.Image) -> None:
+        region = self.pixels[self.n, :, top : top + piece.height, left : left + piece.width]
+        _normalize_(region.copy_(_hwc_uint8(piece).permute(2, 0, 1)))
+
+
 def _grid_tensor(
     image: Image.Image, cols: int, rows: int, image_size: int, use_thumbnail: bool
 ) -> torch.Tensor:
     # Equals tiles_to_tensor(dynamic_preprocess(image)) for that grid, but resizes once and slices the
     # tiles out of one array instead of cropping and converting each tile in PIL.
-    size = image_size
-    n = cols * rows
-    thumbnail = use_thumbnail and n != 1
-    pixels = torch.empty((n + int(thumbnail), 3, size, size), dtype=torch.float32)
-    grid = _hwc_uint8(image.resize((cols * size, rows * size), resize.BICUBIC))  # [rows*S, cols*S, 3]
-    pixels[:n].view(rows, cols, 3, size, size).copy_(
-        grid.view(rows, size, cols, size, 3).permute(0, 2, 4, 1, 3)
-    )
-    if thumbnail:
-        pixels[n].copy_(_hwc_uint8(image.resize((size, size), resize.BICUBIC)).permute(2, 0, 1))
-    return _normalize_(pixels)
+    out = _TileTensor(cols, rows, image_size, use_thumbnail)
+    out.fill_grid(0, 0, image.resize((cols * image_size, rows * image_size), resize.BICUBIC))
+    if out.thumbnail:
+        out.fill_thumbnail(0, 0, image.resize((image_size, image_size), resize.BICUBIC))
+    return out.pixels
 
 
 class _ParallelTiles:
@@ -183,40 +202,16 @@ class _ParallelTiles:
         rows_ready: int | None = None,
         first_parts: int | None = None,
     ) -> None:
-        self.size, self.cols, self.rows = image_size, cols, rows
-        self.n = cols * rows
-        thumbnail = use_thumbnail and self.n != 1
-        self.pixels = torch.empty((self.n + int(thumbnail), 3, image_size, image_size), dtype=torch.float32)
+        self.out = _TileTensor(cols, rows, image_size, use_thumbnail)
         pool, workers = resize.shared_pool(), resize.pool_size()
         self.workers = workers
         kwargs = {"first_parts": first_parts, "rows_ready": rows_ready}
         # Both first passes are queued before either resize waits for its own.
-        self.jobs = [
-            (
-                resize.StripResize(pool, image, (cols * image_size, rows * image_size), workers, **kwargs),
-                self._fill_grid,
-                image_size,
-            )
-        ]
-        if thumbnail:
-            self.jobs.append(
-                (
-                    resize.StripResize(pool, image, (image_size, image_size), workers, **kwargs),
-                    self._fill_thumbnail,
-                    1,
-                )
-            )
-
-    def _fill_grid(self, left: int, top: int, strip: Image.Image) -> None:
-        size = self.size
-        r, c, nr, nc = top // size, left // size, strip.height // size, strip.width // size
-        hwc = _hwc_uint8(strip).view(nr, size, nc, size, 3).permute(0, 2, 4, 1, 3)
-        tiles = self.pixels[: self.n].view(self.rows, self.cols, 3, size, size)
-        _normalize_(tiles[r : r + nr, c : c + nc].copy_(hwc))
-
-    def _fill_thumbnail(self, left: int, top: int, strip: Image.Image) -> None:
-        region = self.pixels[self.n, :, top : top + strip.height, left : left + strip.width]
-        _normalize_(region.copy_(_hwc_uint8(strip).permute(2, 0, 1)))
+        grid = resize.StripResize(pool, image, (cols * image_size, rows * image_size), workers, **kwargs)
+        self.jobs = [(grid, self.out.fill_grid, image_size)]
+        if self.out.thumbnail:
+            thumb = resize.StripResize(pool, image, (image_size, image_size), workers, **kwargs)
+            self.jobs.append((thumb, self.out.fill_thumbnail, 1))
 
     def release(self, rows: int, busy_cores: int = 0) -> None:
         """Queue first-pass strips over the top `rows` rows of the image, leaving `busy_cores` cores
@@ -249,7 +244,7 @@ class _ParallelTiles:
             pending += job.finish(fill, align)
         for future in pending:
             future.result()
-        return self.pixels
+        return self.out.pixels
 
 
 def _grid_tensor_parallel(
