@@ -22,11 +22,11 @@ e.g. from serve.py) it prints the largest throughput ratio over that server any 
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,13 +39,13 @@ from model_runtime.processor import Processor
 from model_runtime.request import ChatInput, ImageInput, Message, VideoInput
 from model_runtime.sampling_params import SamplingParams
 from model_runtime.tiny import write_tiny_checkpoint
+from server.media import decode_data_uri
 
 
 @dataclass
 class Floor:
     requests: int
-    peak_flops: float  # per second, fp matmul
-    bandwidth: float  # bytes per second
+    roofline: Roofline
     media_s: float = 0.0
     prefill_flops: float = 0.0
     decode_s: float = 0.0
@@ -54,7 +54,7 @@ class Floor:
 
     @property
     def prefill_s(self) -> float:
-        return self.prefill_flops / self.peak_flops
+        return self.prefill_flops / self.roofline.peak_flops
 
     @property
     def total_s(self) -> float:
@@ -69,8 +69,8 @@ class Floor:
             "requests": self.requests,
             "tiles": self.tiles,
             "mean_prompt_tokens": round(sum(self.prompt_tokens) / len(self.prompt_tokens), 1),
-            "peak_gflops": round(self.peak_flops / 1e9, 1),
-            "bandwidth_gb_s": round(self.bandwidth / 1e9, 1),
+            "peak_gflops": round(self.roofline.peak_flops / 1e9, 1),
+            "bandwidth_gb_s": round(self.roofline.bandwidth / 1e9, 1),
             "media_s": round(self.media_s, 3),
             "prefill_s": round(self.prefill_s, 3),
             "decode_s": round(self.decode_s, 3),
@@ -156,66 +156,83 @@ def decode_weight_bytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype, runs: int = 5) -> float:
+def best_seconds(device: torch.device, work: Callable[[], object], runs: int = 5) -> float:
+    """The fastest of runs + 1 timed calls of work() (the first warms up), synchronized on a GPU."""
+    best = float("inf")
+    for _ in range(runs + 1):
+        sync(device)
+        start = time.perf_counter()
+        work()
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
     """The best operations per second of one large square matrix multiply (2048 on a CPU, 8192 on a
     GPU, which a smaller one cannot fill)."""
     size = 8192 if device.type == "cuda" else 2048
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
-    best = float("inf")
-    for _ in range(runs + 1):
-        _sync(device)
-        start = time.perf_counter()
-        torch.mm(a, b)
-        _sync(device)
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
+    return 2 * size**3 / best_seconds(device, lambda: torch.mm(a, b))
 
 
-def memory_bandwidth(device: torch.device, mib: int = 1024, runs: int = 5) -> float:
+def memory_bandwidth(device: torch.device, mib: int = 1024) -> float:
     """The best bytes per second of reading one large buffer (a sum over it)."""
     buffer = torch.ones(mib * 2**20 // 4, device=device, dtype=torch.float32)
-    best = float("inf")
-    for _ in range(runs + 1):
-        _sync(device)
-        start = time.perf_counter()
-        buffer.sum()
-        _sync(device)
-        best = min(best, time.perf_counter() - start)
-    return buffer.numel() * 4 / best
+    return buffer.numel() * 4 / best_seconds(device, buffer.sum)
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
+@dataclass(frozen=True)
+class Roofline:
+    """What this machine allows one model: the measured matmul peak and memory bandwidth, with the
+    model's shapes and the bytes of weights every decode step reads."""
+
+    shapes: Shapes
+    peak_flops: float  # per second, in the model's dtype
+    bandwidth: float  # bytes per second
+    weight_bytes: int
+    element: int  # bytes per KV-cache value
+
+    @classmethod
+    def measure(cls, loaded) -> Roofline:
+        model, device = loaded.model, loaded.device
+        return cls(
+            shapes=Shapes.of(model.config, loaded.tokens_per_tile),
+            peak_flops=matmul_peak(device, model.dtype),
+            bandwidth=memory_bandwidth(device),
+            weight_bytes=decode_weight_bytes(model),
+            element=torch.finfo(model.dtype).bits // 8,
+        )
+
+    def decode_step_s(self, contexts: Sequence[int]) -> float:
+        """The least time one decode step of sequences this long (in tokens so far) can take: no
+        faster than its operations at the peak, nor than reading the weights and their KV caches."""
+        flops = sum(self.shapes.decode_flops(c) for c in contexts)
+        read = self.weight_bytes + sum(self.shapes.kv_bytes(c, self.element) for c in contexts)
+        return max(flops / self.peak_flops, read / self.bandwidth)
+
+
 def measure(processor: Processor, chats: list[ChatInput], max_tokens: int) -> Floor:
-    loaded = processor.loaded
-    model, device = loaded.model, loaded.device
-    floor = Floor(
-        requests=len(chats),
-        peak_flops=matmul_peak(device, model.dtype),
-        bandwidth=memory_bandwidth(device),
-    )
+    floor = Floor(requests=len(chats), roofline=Roofline.measure(processor.loaded))
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     start = time.perf_counter()
     requests = [processor.process(f"floor-{i}", chat, params) for i, chat in enumerate(chats)]
     floor.media_s = time.perf_counter() - start
     floor.prompt_tokens = [r.prompt_len for r in requests]
     floor.tiles = sum(im.num_tiles for r in requests for im in r.images)
-
-    shapes = Shapes.of(model.config, loaded.tokens_per_tile)
+    shapes = floor.roofline.shapes
     floor.prefill_flops = floor.tiles * shapes.tile_flops() + sum(
         shapes.prefill_flops(p) for p in floor.prompt_tokens
     )
-    element = torch.finfo(model.dtype).bits // 8
-    weights = decode_weight_bytes(model)
-    for step in range(max_tokens):
-        contexts = [p + step for p in floor.prompt_tokens]
-        flops = sum(shapes.decode_flops(c) for c in contexts)
-        bytes_read = weights + sum(shapes.kv_bytes(c, element) for c in contexts)
-        floor.decode_s += max(flops / floor.peak_flops, bytes_read / floor.bandwidth)
+    floor.decode_s = sum(
+        floor.roofline.decode_step_s([p + step for p in floor.prompt_tokens]) for step in range(max_tokens)
+    )
     return floor
 
 
@@ -228,9 +245,9 @@ def chat_input(messages: list[dict]) -> ChatInput:
             if part["type"] == "text":
                 parts.append(part["text"])
             else:
-                url = part[part["type"]]["url"]
-                data = base64.b64decode(url.split(",", 1)[1])
-                parts.append(ImageInput(data) if part["type"] == "image_url" else VideoInput(data))
+                kind = "image" if part["type"] == "image_url" else "video"
+                data = decode_data_uri(part[part["type"]]["url"], kind, max_bytes=2**31)
+                parts.append(ImageInput(data) if kind == "image" else VideoInput(data))
         out.append(Message(message["role"], tuple(parts)))
     return ChatInput(tuple(out))
 
@@ -281,8 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     mean = sum(tokens) / len(tokens)
     print(f"prompt tokens per request: mean {mean:.0f}, max {max(tokens)}; tiles {floor.tiles}")
     print(
-        f"this machine: matmul peak {floor.peak_flops / 1e9:.0f} GFLOP/s ({args.dtype}), "
-        f"memory bandwidth {floor.bandwidth / 1e9:.1f} GB/s"
+        f"this machine: matmul peak {floor.roofline.peak_flops / 1e9:.0f} GFLOP/s ({args.dtype}), "
+        f"memory bandwidth {floor.roofline.bandwidth / 1e9:.1f} GB/s"
     )
     print(f"media: decode + tiles, measured            {floor.media_s:7.2f} s")
     tflop = floor.prefill_flops / 1e12

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from floor import Roofline, sync  # benchmarks/ is on sys.path when run as a script
 from PIL import Image
 
 from model_runtime.config import EngineConfig
@@ -91,7 +92,7 @@ def run_baseline(worker: Worker, chats: list[ChatInput], workload: Workload) -> 
         new = out[0, ids.shape[1] :].tolist()
         outputs.append(new)
         tokens += len(new)
-    _sync(device)
+    sync(device)
     return tokens / (time.perf_counter() - start), outputs
 
 
@@ -116,7 +117,7 @@ async def run_worker(
 
     start = time.perf_counter()
     outputs = await asyncio.gather(*(limited(i, c) for i, c in enumerate(chats)))
-    _sync(worker.loaded.device)
+    sync(worker.loaded.device)
     elapsed = time.perf_counter() - start
     return sum(len(o) for o in outputs) / elapsed, outputs
 
@@ -136,12 +137,12 @@ def prefill_efficiency(worker: Worker, chats: list[ChatInput], workload: Workloa
     for slot, request in enumerate(requests):
         request.base_slot = slot
     with torch.inference_mode():
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         runner.encode_images(requests)
         for request in requests:
             runner.prefill(PrefillChunk(request, 0, request.prompt_len))
-        _sync(device)
+        sync(device)
         ours = time.perf_counter() - start
         width = max(r.prompt_len for r in requests)
         ids = torch.zeros(len(requests), width, dtype=torch.long, device=device)
@@ -151,7 +152,7 @@ def prefill_efficiency(worker: Worker, chats: list[ChatInput], workload: Workloa
             mask[row, width - request.prompt_len :] = 1
         start = time.perf_counter()
         model(input_ids=ids, attention_mask=mask, pixel_values=pixels, logits_to_keep=1)
-        _sync(device)
+        sync(device)
         plain = time.perf_counter() - start
     return ours, plain
 
@@ -160,27 +161,13 @@ def roofline_tokens_per_s(worker: Worker, chats: list[ChatInput], workload: Work
     """The most output tokens/s one request at a time could reach: each decode step reads every
     language-model weight and the request's KV cache once at the measured memory bandwidth (and
     does its operations at the measured matmul peak, if that is slower). benchmarks/floor.py."""
-    from floor import Shapes, decode_weight_bytes, matmul_peak, memory_bandwidth
-
-    loaded = worker.loaded
-    model, device = loaded.model, loaded.device
-    bandwidth, peak = memory_bandwidth(device), matmul_peak(device, model.dtype)
-    shapes = Shapes.of(model.config, loaded.tokens_per_tile)
-    weights, element = decode_weight_bytes(model), torch.finfo(model.dtype).bits // 8
+    roofline = Roofline.measure(worker.loaded)
     seconds, tokens = 0.0, 0
     for i, chat in enumerate(chats):
         prompt = worker.processor.process(f"roof-{i}", chat, params_for(workload)).prompt_len
-        for step in range(workload.max_tokens):
-            context = prompt + step
-            bytes_read = weights + shapes.kv_bytes(context, element)
-            seconds += max(bytes_read / bandwidth, shapes.decode_flops(context) / peak)
-            tokens += 1
+        seconds += sum(roofline.decode_step_s([prompt + step]) for step in range(workload.max_tokens))
+        tokens += workload.max_tokens
     return tokens / seconds
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def peak_memory_mib(device: torch.device) -> float:
