@@ -3,10 +3,10 @@
 Run from the repository root:  python -m benchmarks.preprocess  [--runs N]
 
 For 640x480, 1920x1080 and 4000x3000 JPEG and PNG images (synthetic, seeded) it prints the median
-time per image of the reference (PIL decode + convert, dynamic_preprocess, per-tile ToTensor and
-Normalize, restated without torchvision) and of load_image, the speed-up, and the largest absolute
-difference between the two tensors (0 means identical). For JPEG it also times the opt-in
-fast_jpeg_draft path and prints how far its pixels move.
+time per image of the reference (tests/reference.py: PIL decode + convert, dynamic_preprocess,
+per-tile ToTensor and Normalize, restated without torchvision) and of load_image, the speed-up,
+and the largest absolute difference between the two tensors (0 means identical). For JPEG it also
+times the opt-in fast_jpeg_draft path and prints how far its pixels move.
 """
 
 from __future__ import annotations
@@ -22,65 +22,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from model_runtime.preprocess import IMAGENET_MEAN, IMAGENET_STD, load_image
+from model_runtime.preprocess import load_image
+from tests.reference import ref_load_image  # the model cards' code, also what the tests compare with
 
 SIZES = [(640, 480), (1920, 1080), (4000, 3000)]
 FORMATS = ["JPEG", "PNG"]
-
-
-# --- the reference path (seeds: build_transform, dynamic_preprocess, load_image) -----------------
-
-
-def ref_transform(img: Image.Image, input_size: int) -> torch.Tensor:
-    img = img.convert("RGB") if img.mode != "RGB" else img
-    img = img.resize((input_size, input_size), Image.Resampling.BICUBIC)  # T.Resize: a copy here
-    t = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).float().div(255)  # ToTensor
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32)
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float32)
-    return (t - mean[:, None, None]) / std[:, None, None]  # Normalize
-
-
-def ref_dynamic_preprocess(image, min_num=1, max_num=12, image_size=448, use_thumbnail=False):
-    orig_width, orig_height = image.size
-    aspect_ratio = orig_width / orig_height
-    target_ratios = set(
-        (i, j)
-        for n in range(min_num, max_num + 1)
-        for i in range(1, n + 1)
-        for j in range(1, n + 1)
-        if i * j <= max_num and i * j >= min_num
-    )
-    target_ratios = sorted(target_ratios, key=lambda x: x[0] * x[1])
-    best_ratio_diff, best_ratio, area = float("inf"), (1, 1), orig_width * orig_height
-    for ratio in target_ratios:
-        ratio_diff = abs(aspect_ratio - ratio[0] / ratio[1])
-        if ratio_diff < best_ratio_diff:
-            best_ratio_diff, best_ratio = ratio_diff, ratio
-        elif ratio_diff == best_ratio_diff and area > 0.5 * image_size * image_size * ratio[0] * ratio[1]:
-            best_ratio = ratio
-    target_width, target_height = image_size * best_ratio[0], image_size * best_ratio[1]
-    resized_img = image.resize((target_width, target_height))
-    cols = target_width // image_size
-    processed = [
-        resized_img.crop(
-            (
-                (i % cols) * image_size,
-                (i // cols) * image_size,
-                (i % cols + 1) * image_size,
-                (i // cols + 1) * image_size,
-            )
-        )
-        for i in range(best_ratio[0] * best_ratio[1])
-    ]
-    if use_thumbnail and len(processed) != 1:
-        processed.append(image.resize((image_size, image_size)))
-    return processed
-
-
-def ref_load_image(data: bytes, input_size: int = 448, max_num: int = 12) -> torch.Tensor:
-    image = Image.open(io.BytesIO(data)).convert("RGB")
-    images = ref_dynamic_preprocess(image, image_size=input_size, use_thumbnail=True, max_num=max_num)
-    return torch.stack([ref_transform(tile, input_size) for tile in images])
 
 
 # --- harness -------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from PIL import Image, ImageFile
 from model_runtime import jpeg_stream
 from model_runtime.errors import MediaError
 from model_runtime.preprocess import STREAM_MIN_PIXELS, load_image
-from tests.test_preprocess import ref_load_image
+from tests.reference import ref_load_image
 
 SIZE = (2400, 1000)  # 2.4 MP: over STREAM_MIN_PIXELS, small enough for a quick test
 
