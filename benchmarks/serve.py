@@ -194,6 +194,11 @@ def make_payloads(args: argparse.Namespace, runs: int) -> dict[str, Payloads]:
 # --- the report -----------------------------------------------------------------------------------
 
 
+def is_goal(load: Load) -> bool:
+    """The load of the issue's goal: GOAL_CONCURRENCY requests in flight, no arrival rate."""
+    return load.concurrency == GOAL_CONCURRENCY and load.rate is None
+
+
 def goal_lines(rows: Sequence[Summary], floor: dict[str, Any] | None = None) -> list[str]:
     """Ours against `transformers serve` on every shared image-workload load; the issue's goal at c=16;
     and, given benchmarks/floor.py's figures for the same requests, how far any server could go."""
@@ -203,7 +208,7 @@ def goal_lines(rows: Sequence[Summary], floor: dict[str, Any] | None = None) -> 
         peer = by_key.get(("transformers", workload, load))
         if server != "ours" or workload != GOAL_WORKLOAD or peer is None:
             continue
-        goal = load.concurrency == GOAL_CONCURRENCY and load.rate is None
+        goal = is_goal(load)
         tag = " (the issue's goal)" if goal else ""
         if peer.request_throughput > 0:
             ratio = ours.request_throughput / peer.request_throughput
@@ -370,7 +375,7 @@ async def compare(
                 rows += await bench_server(name, base_url, peer.options, args, loads, payloads)
         except RuntimeError as exc:
             print(f"[{name}] FAILED: {exc}", flush=True)
-    goal = [k for k, load in enumerate(loads) if load.concurrency == GOAL_CONCURRENCY and load.rate is None]
+    goal = [k for k, load in enumerate(loads) if is_goal(load)]
     floor = None
     if not args.no_floor and GOAL_WORKLOAD in args.workloads:
         first = run_indices(goal[0] if goal else 0, args.num_prompts).start

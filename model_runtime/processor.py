@@ -64,7 +64,7 @@ class Processor:
             use_thumbnail=self.loaded.use_thumbnail,
             max_pixels=self.config.max_image_pixels,
             fast_jpeg_draft=self.config.fast_jpeg_draft,
-            parallel=True,  # the thumbnail resizes beside the grid (Pillow releases the GIL); same pixels
+            parallel=True,  # resizes in strips on every core, large JPEGs while they decode; same pixels
         )
         return [ImageSlot(key=key, num_tiles=pixels.shape[0], pixel_values=pixels)], [pixels.shape[0]]
 
