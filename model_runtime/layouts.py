@@ -13,69 +13,110 @@ from collections.abc import Iterator
 
 import torch
 
-_VISION_RENAMES: list[tuple[str, str]] = [
-    (r"^vision_model\.embeddings\.class_embedding$", "model.vision_tower.embeddings.cls_token"),
-    (r"^vision_model\.embeddings\.position_embedding$", "model.vision_tower.embeddings.position_embeddings"),
+# Renames as (original name, native name, how it matches): "prefix" rewrites the start of a name,
+# "whole" a whole name, "infix" a piece anywhere in it; "{i}" stands for a layer number. One table
+# per part serves both directions (see _compile), so the inverse cannot drift from the mapping.
+_Rule = tuple[str, str, str]
+
+_VISION: list[_Rule] = [
+    ("vision_model.embeddings.class_embedding", "model.vision_tower.embeddings.cls_token", "whole"),
     (
-        r"^vision_model\.embeddings\.patch_embedding\.(weight|bias)$",
-        r"model.vision_tower.embeddings.patch_embeddings.projection.\1",
+        "vision_model.embeddings.position_embedding",
+        "model.vision_tower.embeddings.position_embeddings",
+        "whole",
     ),
     (
-        r"^vision_model\.encoder\.layers\.(\d+)\.attn\.proj\.",
-        r"model.vision_tower.encoder.layer.\1.attention.projection_layer.",
+        "vision_model.embeddings.patch_embedding.",
+        "model.vision_tower.embeddings.patch_embeddings.projection.",
+        "prefix",
     ),
     (
-        r"^vision_model\.encoder\.layers\.(\d+)\.attn\.(q_norm|k_norm)\.",
-        r"model.vision_tower.encoder.layer.\1.attention.\2.",
-    ),
-    (r"^vision_model\.encoder\.layers\.(\d+)\.ls1$", r"model.vision_tower.encoder.layer.\1.lambda_1"),
-    (r"^vision_model\.encoder\.layers\.(\d+)\.ls2$", r"model.vision_tower.encoder.layer.\1.lambda_2"),
-    (
-        r"^vision_model\.encoder\.layers\.(\d+)\.norm1\.",
-        r"model.vision_tower.encoder.layer.\1.layernorm_before.",
+        "vision_model.encoder.layers.{i}.attn.proj.",
+        "model.vision_tower.encoder.layer.{i}.attention.projection_layer.",
+        "prefix",
     ),
     (
-        r"^vision_model\.encoder\.layers\.(\d+)\.norm2\.",
-        r"model.vision_tower.encoder.layer.\1.layernorm_after.",
+        "vision_model.encoder.layers.{i}.attn.q_norm.",
+        "model.vision_tower.encoder.layer.{i}.attention.q_norm.",
+        "prefix",
     ),
-    (r"^vision_model\.encoder\.layers\.(\d+)\.mlp\.", r"model.vision_tower.encoder.layer.\1.mlp."),
-    (r"^mlp1\.0\.", "model.multi_modal_projector.layer_norm."),
-    (r"^mlp1\.1\.", "model.multi_modal_projector.linear_1."),
-    (r"^mlp1\.3\.", "model.multi_modal_projector.linear_2."),
+    (
+        "vision_model.encoder.layers.{i}.attn.k_norm.",
+        "model.vision_tower.encoder.layer.{i}.attention.k_norm.",
+        "prefix",
+    ),
+    ("vision_model.encoder.layers.{i}.ls1", "model.vision_tower.encoder.layer.{i}.lambda_1", "whole"),
+    ("vision_model.encoder.layers.{i}.ls2", "model.vision_tower.encoder.layer.{i}.lambda_2", "whole"),
+    (
+        "vision_model.encoder.layers.{i}.norm1.",
+        "model.vision_tower.encoder.layer.{i}.layernorm_before.",
+        "prefix",
+    ),
+    (
+        "vision_model.encoder.layers.{i}.norm2.",
+        "model.vision_tower.encoder.layer.{i}.layernorm_after.",
+        "prefix",
+    ),
+    ("vision_model.encoder.layers.{i}.mlp.", "model.vision_tower.encoder.layer.{i}.mlp.", "prefix"),
+    ("mlp1.0.", "model.multi_modal_projector.layer_norm.", "prefix"),
+    ("mlp1.1.", "model.multi_modal_projector.linear_1.", "prefix"),
+    ("mlp1.3.", "model.multi_modal_projector.linear_2.", "prefix"),
 ]
 
-_LLM_RENAMES: list[tuple[str, str]] = [
-    (r"^language_model\.model\.", "model.language_model."),
-    (r"^language_model\.lm_head\.", "lm_head."),
+_LLM: list[_Rule] = [
+    ("language_model.model.", "model.language_model.", "prefix"),
+    ("language_model.lm_head.", "lm_head.", "prefix"),
 ]
 
-# InternLM2 names inside `language_model.` (applied before the generic LLM renames).
-_INTERNLM2_RENAMES: list[tuple[str, str]] = [
-    (r"^language_model\.model\.tok_embeddings\.", "model.language_model.embed_tokens."),
-    (r"^language_model\.output\.", "lm_head."),
-    (r"\.attention\.wo\.", ".self_attn.o_proj."),
-    (r"\.feed_forward\.w1\.", ".mlp.gate_proj."),
-    (r"\.feed_forward\.w3\.", ".mlp.up_proj."),
-    (r"\.feed_forward\.w2\.", ".mlp.down_proj."),
-    (r"\.attention_norm\.", ".input_layernorm."),
-    (r"\.ffn_norm\.", ".post_attention_layernorm."),
+# An InternLM2 LLM's names, in place of _LLM (its specific prefixes before the generic one).
+_INTERNLM2: list[_Rule] = [
+    ("language_model.model.tok_embeddings.", "model.language_model.embed_tokens.", "prefix"),
+    ("language_model.output.", "lm_head.", "prefix"),
+    (".attention.wo.", ".self_attn.o_proj.", "infix"),
+    (".feed_forward.w1.", ".mlp.gate_proj.", "infix"),
+    (".feed_forward.w3.", ".mlp.up_proj.", "infix"),
+    (".feed_forward.w2.", ".mlp.down_proj.", "infix"),
+    (".attention_norm.", ".input_layernorm.", "infix"),
+    (".ffn_norm.", ".post_attention_layernorm.", "infix"),
+    ("language_model.model.", "model.language_model.", "prefix"),
 ]
 
-# Older `-hf` exports put the sub-models at the top level.
-_HF_LEGACY_RENAMES: list[tuple[str, str]] = [
-    (r"^language_model\.model\.", "model.language_model."),
-    (r"^language_model\.lm_head\.", "lm_head."),
-    (r"^vision_tower\.", "model.vision_tower."),
-    (r"^multi_modal_projector\.", "model.multi_modal_projector."),
+# Older `-hf` exports put the sub-models at the top level (one way only: nothing writes them).
+_HF_LEGACY: list[_Rule] = [
+    ("language_model.model.", "model.language_model.", "prefix"),
+    ("language_model.lm_head.", "lm_head.", "prefix"),
+    ("vision_tower.", "model.vision_tower.", "prefix"),
+    ("multi_modal_projector.", "model.multi_modal_projector.", "prefix"),
 ]
+
+
+def _compile(rules: list[_Rule], *, backward: bool = False) -> list[tuple[re.Pattern[str], str]]:
+    """(pattern, replacement) pairs mapping original names to native ones, or back. Applied in the
+    same order both ways: a specific rule comes before the generic prefix it would otherwise meet."""
+    compiled = []
+    for original, native, how in rules:
+        source, target = (native, original) if backward else (original, native)
+        body = re.escape(source).replace(re.escape("{i}"), r"(\d+)")
+        pattern = {"prefix": f"^{body}", "whole": f"^{body}$", "infix": body}[how]
+        compiled.append((re.compile(pattern), target.replace("{i}", r"\1")))
+    return compiled
+
+
+_VISION_RENAMES = _compile(_VISION)
+_LLM_RENAMES = _compile(_LLM)
+_INTERNLM2_RENAMES = _compile(_INTERNLM2)
+_HF_LEGACY_RENAMES = _compile(_HF_LEGACY)
+_VISION_BACK = _compile(_VISION, backward=True)
+_LLM_BACK = _compile(_LLM, backward=True)
+_INTERNLM2_BACK = _compile(_INTERNLM2, backward=True)
 
 _VISION_QKV = re.compile(r"^vision_model\.encoder\.layers\.(\d+)\.attn\.qkv\.(weight|bias)$")
 _INTERNLM2_WQKV = re.compile(r"^language_model\.model\.layers\.(\d+)\.attention\.wqkv\.(weight|bias)$")
 
 
-def _rename(key: str, rules: list[tuple[str, str]]) -> str:
+def _rename(key: str, rules: list[tuple[re.Pattern[str], str]]) -> str:
     for pattern, repl in rules:
-        key = re.sub(pattern, repl, key)
+        key = pattern.sub(repl, key)
     return key
 
 
@@ -113,20 +154,18 @@ def original_to_native(
         for name, part in zip(("q_proj", "k_proj", "v_proj"), tensor.chunk(3, dim=0), strict=True):
             yield f"model.vision_tower.encoder.layer.{layer}.attention.{name}.{kind}", part
         return
-    if llm_kind == "internlm2":
-        if m := _INTERNLM2_WQKV.match(key):
-            layer, kind = m.groups()
-            parts = split_internlm2_wqkv(
-                tensor, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim
-            )
-            for name, part in zip(("q_proj", "k_proj", "v_proj"), parts, strict=True):
-                yield f"model.language_model.layers.{layer}.self_attn.{name}.{kind}", part
-            return
-        key = _rename(key, _INTERNLM2_RENAMES)
+    if llm_kind == "internlm2" and (m := _INTERNLM2_WQKV.match(key)):
+        layer, kind = m.groups()
+        parts = split_internlm2_wqkv(
+            tensor, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim
+        )
+        for name, part in zip(("q_proj", "k_proj", "v_proj"), parts, strict=True):
+            yield f"model.language_model.layers.{layer}.self_attn.{name}.{kind}", part
+        return
     if key.startswith(("vision_model.", "mlp1.")):
         yield _rename(key, _VISION_RENAMES), tensor
     else:
-        yield _rename(key, _LLM_RENAMES), tensor
+        yield _rename(key, _INTERNLM2_RENAMES if llm_kind == "internlm2" else _LLM_RENAMES), tensor
 
 
 def hf_legacy_to_native(key: str) -> str:
@@ -134,52 +173,6 @@ def hf_legacy_to_native(key: str) -> str:
     return _rename(key, _HF_LEGACY_RENAMES)
 
 
-# Inverse renames, used only to write test checkpoints in the original layout.
-_VISION_BACK: list[tuple[str, str]] = [
-    (r"^model\.vision_tower\.embeddings\.cls_token$", "vision_model.embeddings.class_embedding"),
-    (r"^model\.vision_tower\.embeddings\.position_embeddings$", "vision_model.embeddings.position_embedding"),
-    (
-        r"^model\.vision_tower\.embeddings\.patch_embeddings\.projection\.",
-        "vision_model.embeddings.patch_embedding.",
-    ),
-    (
-        r"^model\.vision_tower\.encoder\.layer\.(\d+)\.attention\.projection_layer\.",
-        r"vision_model.encoder.layers.\1.attn.proj.",
-    ),
-    (
-        r"^model\.vision_tower\.encoder\.layer\.(\d+)\.attention\.(q_norm|k_norm)\.",
-        r"vision_model.encoder.layers.\1.attn.\2.",
-    ),
-    (r"^model\.vision_tower\.encoder\.layer\.(\d+)\.lambda_1$", r"vision_model.encoder.layers.\1.ls1"),
-    (r"^model\.vision_tower\.encoder\.layer\.(\d+)\.lambda_2$", r"vision_model.encoder.layers.\1.ls2"),
-    (
-        r"^model\.vision_tower\.encoder\.layer\.(\d+)\.layernorm_before\.",
-        r"vision_model.encoder.layers.\1.norm1.",
-    ),
-    (
-        r"^model\.vision_tower\.encoder\.layer\.(\d+)\.layernorm_after\.",
-        r"vision_model.encoder.layers.\1.norm2.",
-    ),
-    (r"^model\.vision_tower\.encoder\.layer\.(\d+)\.mlp\.", r"vision_model.encoder.layers.\1.mlp."),
-    (r"^model\.multi_modal_projector\.layer_norm\.", "mlp1.0."),
-    (r"^model\.multi_modal_projector\.linear_1\.", "mlp1.1."),
-    (r"^model\.multi_modal_projector\.linear_2\.", "mlp1.3."),
-]
-_LLM_BACK: list[tuple[str, str]] = [
-    (r"^model\.language_model\.", "language_model.model."),
-    (r"^lm_head\.", "language_model.lm_head."),
-]
-_INTERNLM2_BACK: list[tuple[str, str]] = [
-    (r"^model\.language_model\.embed_tokens\.", "language_model.model.tok_embeddings."),
-    (r"^lm_head\.", "language_model.output."),
-    (r"\.self_attn\.o_proj\.", ".attention.wo."),
-    (r"\.mlp\.gate_proj\.", ".feed_forward.w1."),
-    (r"\.mlp\.up_proj\.", ".feed_forward.w3."),
-    (r"\.mlp\.down_proj\.", ".feed_forward.w2."),
-    (r"\.input_layernorm\.", ".attention_norm."),
-    (r"\.post_attention_layernorm\.", ".ffn_norm."),
-    (r"^model\.language_model\.", "language_model.model."),
-]
 _NATIVE_QKV = re.compile(
     r"^(model\.vision_tower\.encoder\.layer\.(\d+)\.attention|model\.language_model\.layers\.(\d+)\.self_attn)"
     r"\.([qkv])_proj\.(weight|bias)$"
