@@ -20,9 +20,12 @@ class CacheShape:
     head_dim: int
     capacity: int  # tokens per slot (max_model_len)
 
-    def bytes_per_slot(self, dtype: torch.dtype) -> int:
+    def bytes_per_token(self, dtype: torch.dtype) -> int:
         element = torch.finfo(dtype).bits // 8
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.capacity * element
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * element
+
+    def bytes_per_slot(self, dtype: torch.dtype) -> int:
+        return self.bytes_per_token(dtype) * self.capacity
 
 
 def default_capacity(
@@ -38,8 +41,7 @@ def default_capacity(
     """
     if slots_for_budget(shape, dtype, budget_bytes, want_slots) >= want_slots:
         return shape.capacity
-    per_token = shape.bytes_per_slot(dtype) // shape.capacity
-    fit = budget_bytes // (want_slots * per_token) // 1024 * 1024
+    fit = budget_bytes // (want_slots * shape.bytes_per_token(dtype)) // 1024 * 1024
     return min(shape.capacity, max(min_len, fit))
 
 

@@ -337,7 +337,7 @@ def test_default_context_leaves_room_for_sixteen_sequences() -> None:
     from model_runtime.kv_cache import CacheShape, default_capacity
 
     shape = CacheShape(num_layers=8, num_kv_heads=8, head_dim=64, capacity=32768)  # 32 KiB a token (fp32)
-    per_token = shape.bytes_per_slot(torch.float32) // shape.capacity
+    per_token = shape.bytes_per_token(torch.float32)
     choose = lambda budget, **kw: default_capacity(shape, torch.float32, budget, **kw)  # noqa: E731
     # Room for 16 at the model's own length: kept.
     assert choose(16 * 32768 * per_token, want_slots=16, min_len=8192) == 32768
