@@ -92,7 +92,7 @@ def free_port() -> int:
 
 def write_checkpoints(size: str, llm: str, seed: int, work: Path) -> tuple[str, str]:
     """The same seeded random weights in the original layout and in the -hf layout."""
-    from model_runtime.tiny import write_tiny_checkpoint  # lazy: imports torch
+    from model_runtime.loading.tiny import write_tiny_checkpoint  # lazy: imports torch
 
     made = []
     for layout in ("original", "hf"):

@@ -32,10 +32,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
-from model_runtime.checkpoint import LoadedCheckpoint, load_checkpoint
 from model_runtime.config import EngineConfig
-from model_runtime.preprocess import load_image, load_video
-from model_runtime.templates import render
+from model_runtime.inputs.image import load_image
+from model_runtime.inputs.templates import render
+from model_runtime.inputs.video import load_video
+from model_runtime.loading.checkpoint import LoadedCheckpoint, load_checkpoint
 
 log = logging.getLogger("baseline_server")
 IMG_START, IMG_CONTEXT, IMG_END = "<img>", "<IMG_CONTEXT>", "</img>"

@@ -33,12 +33,12 @@ from pathlib import Path
 import torch
 from _loadgen import WORKLOADS, build_messages  # benchmarks/ is on sys.path when run as a script
 
-from model_runtime.checkpoint import load_checkpoint
 from model_runtime.config import EngineConfig
-from model_runtime.processor import Processor
+from model_runtime.inputs.processor import Processor
+from model_runtime.loading.checkpoint import load_checkpoint
+from model_runtime.loading.tiny import write_tiny_checkpoint
 from model_runtime.request import ChatInput, ImageInput, Message, VideoInput
 from model_runtime.sampling_params import SamplingParams
-from model_runtime.tiny import write_tiny_checkpoint
 from server.media import decode_data_uri
 
 

@@ -1,4 +1,4 @@
-"""Image preprocessing speed: the model cards' reference path vs model_runtime.preprocess.load_image.
+"""Image preprocessing speed: the model cards' reference path vs model_runtime.inputs.image.load_image.
 
 Run from the repository root:  python -m benchmarks.preprocess  [--runs N]
 
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from model_runtime.preprocess import load_image
+from model_runtime.inputs.image import load_image
 from tests.reference import ref_load_image  # the model cards' code, also what the tests compare with
 
 SIZES = [(640, 480), (1920, 1080), (4000, 3000)]

@@ -25,10 +25,10 @@ from floor import Roofline, sync  # benchmarks/ is on sys.path when run as a scr
 from PIL import Image
 
 from model_runtime.config import EngineConfig
+from model_runtime.engine.worker import Worker
+from model_runtime.loading.tiny import write_tiny_checkpoint
 from model_runtime.request import ChatInput, ImageInput, Message
 from model_runtime.sampling_params import SamplingParams
-from model_runtime.tiny import write_tiny_checkpoint
-from model_runtime.worker import Worker
 
 QUESTIONS = [
     "Please describe the scene in detail, including the colors, the objects and what the people are doing.",
@@ -128,7 +128,7 @@ def prefill_efficiency(worker: Worker, chats: list[ChatInput], workload: Workloa
 
     Run while the worker is idle: it writes into free cache slots from this thread.
     """
-    from model_runtime.scheduler import PrefillChunk
+    from model_runtime.engine.scheduler import PrefillChunk
 
     model, runner = worker.loaded.model, worker.engine.runner
     device = worker.loaded.device

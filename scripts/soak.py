@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             model = args.model
             if model is None:
-                from model_runtime.tiny import write_tiny_checkpoint
+                from model_runtime.loading.tiny import write_tiny_checkpoint
 
                 model = str(write_tiny_checkpoint(Path(tmp) / "tiny", seed=0))
             server = (

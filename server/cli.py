@@ -89,14 +89,14 @@ def main(argv: Sequence[str] | None = None) -> None:
 async def run(settings: Settings) -> int:
     """Load the model (in a thread: it blocks for a long while), then serve until told to stop."""
     from model_runtime.errors import CheckpointError  # noqa: I001  (lazy: the runtime imports torch)
-    from model_runtime.worker import Worker
+    from model_runtime.engine.worker import Worker
 
     if not settings.model:
         logger.error("no model given: use --model <dir | hub id | demo> or INTERNVL_MODEL")
         return 2
     model_path = settings.model
     if model_path == DEMO_MODEL:
-        from model_runtime.tiny import ensure_demo_checkpoint
+        from model_runtime.loading.tiny import ensure_demo_checkpoint
 
         model_path = await asyncio.to_thread(ensure_demo_checkpoint)
         logger.info(

@@ -16,7 +16,7 @@ import pytest
 from tests.http_recorder import Recorder, serve
 
 if TYPE_CHECKING:
-    from model_runtime.checkpoint import LoadedCheckpoint
+    from model_runtime.loading.checkpoint import LoadedCheckpoint
 
 LLM_KINDS = ("qwen2", "internlm2")
 LAYOUTS = ("original", "hf")
@@ -36,7 +36,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], Path]:
     """{(llm, layout): directory} for llm in qwen2/internlm2 and layout in original/hf, same seed."""
-    from model_runtime.tiny import write_tiny_checkpoint
+    from model_runtime.loading.tiny import write_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("tiny-checkpoints")
     return {
@@ -49,8 +49,8 @@ def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str
 @pytest.fixture(scope="session")
 def load_cached() -> Callable[[str | Path], LoadedCheckpoint]:
     """Load a checkpoint directory on CPU in float32, once per path; callers must not modify it."""
-    from model_runtime.checkpoint import load_checkpoint
     from model_runtime.config import EngineConfig
+    from model_runtime.loading.checkpoint import load_checkpoint
 
     cache: dict[Path, LoadedCheckpoint] = {}
 

@@ -31,7 +31,7 @@ def make_fault_hook(tokenizer: Any) -> Callable[[Any], None]:
 
 def install() -> None:
     """Wrap `Worker.start` so that every worker it returns carries the fault hook."""
-    from model_runtime.worker import Worker
+    from model_runtime.engine.worker import Worker
 
     original = Worker.start.__func__  # type: ignore[attr-defined]
 

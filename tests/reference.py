@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from model_runtime.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from model_runtime.inputs.tiling import IMAGENET_MEAN, IMAGENET_STD
 
 
 def ref_transform(img: Image.Image, input_size: int) -> torch.Tensor:

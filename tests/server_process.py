@@ -318,7 +318,7 @@ def session_servers(request: pytest.FixtureRequest) -> SharedServers:
     """The session's shared checkpoint and servers (the standard ones already launched)."""
     servers = _session.get("servers")
     if servers is None:
-        from model_runtime.tiny import write_tiny_checkpoint
+        from model_runtime.loading.tiny import write_tiny_checkpoint
 
         tmp = request.getfixturevalue("tmp_path_factory")
         checkpoint = write_tiny_checkpoint(tmp.mktemp("tiny-checkpoint") / "tiny", seed=0)

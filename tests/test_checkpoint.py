@@ -1,6 +1,6 @@
 """Checkpoint loading: both layouts give the same model, bad checkpoints give clear errors, no code runs.
 
-Every checkpoint here is a tiny random InternVL written by `model_runtime.tiny` (session fixtures in
+Every checkpoint here is a tiny random InternVL written by `model_runtime.loading.tiny` (session fixtures in
 conftest); error cases edit a copy of one.
 """
 
@@ -18,11 +18,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from model_runtime import layouts
-from model_runtime.checkpoint import LoadedCheckpoint, load_checkpoint
 from model_runtime.config import EngineConfig
 from model_runtime.errors import CheckpointError
-from model_runtime.tiny import write_tiny_checkpoint
+from model_runtime.loading import layouts
+from model_runtime.loading.checkpoint import LoadedCheckpoint, load_checkpoint
+from model_runtime.loading.tiny import write_tiny_checkpoint
 
 LLMS = ("qwen2", "internlm2")
 Checkpoints = dict[tuple[str, str], Path]
@@ -469,8 +469,8 @@ def test_quantized_language_model_stays_close(mode: str, tiny_checkpoints, load_
     pytest.importorskip("bitsandbytes")
     import torch
 
-    from model_runtime.checkpoint import load_checkpoint
     from model_runtime.config import EngineConfig
+    from model_runtime.loading.checkpoint import load_checkpoint
 
     path = tiny_checkpoints[("qwen2", "original")]
     full = load_cached(path)
@@ -490,8 +490,8 @@ def test_quantized_language_model_stays_close(mode: str, tiny_checkpoints, load_
 def test_unknown_quantization_is_refused(tiny_checkpoints) -> None:
     from pydantic import ValidationError
 
-    from model_runtime.checkpoint import load_checkpoint
     from model_runtime.config import EngineConfig
+    from model_runtime.loading.checkpoint import load_checkpoint
 
     model = str(tiny_checkpoints[("qwen2", "original")])
     with pytest.raises(ValidationError, match="8bit"):  # the config itself refuses it

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from model_runtime.detokenizer import IncrementalDetokenizer, StopChecker
+from model_runtime.engine.detokenizer import IncrementalDetokenizer, StopChecker
 
 CORPUS = [
     "Hello world, this is a tiny corpus.",

@@ -19,7 +19,7 @@ import httpx
 import openai
 import pytest
 
-from model_runtime.preprocess import choose_grid
+from model_runtime.inputs.tiling import choose_grid
 from tests.server_process import (
     API_KEY,
     KEYED,

@@ -9,14 +9,14 @@ import pytest
 import torch
 from PIL import Image
 
-from model_runtime.checkpoint import load_checkpoint
 from model_runtime.config import EngineConfig
-from model_runtime.engine import Engine
+from model_runtime.engine.engine import Engine
+from model_runtime.engine.sequence import Request
 from model_runtime.errors import PromptTooLongError, QueueFullError, RequestFailedError
-from model_runtime.processor import Processor
+from model_runtime.inputs.processor import Processor
+from model_runtime.loading.checkpoint import load_checkpoint
 from model_runtime.request import ChatInput, ImageInput, Message, RequestOutput, VideoInput
 from model_runtime.sampling_params import SamplingParams
-from model_runtime.sequence import Request
 
 
 def png(seed: int, size: tuple[int, int] = (300, 200)) -> bytes:
@@ -122,7 +122,7 @@ CHATS = {
 
 @pytest.fixture(scope="module", params=["qwen2", "internlm2"])
 def harness(request, tmp_path_factory):
-    from model_runtime.tiny import write_tiny_checkpoint
+    from model_runtime.loading.tiny import write_tiny_checkpoint
 
     path = write_tiny_checkpoint(tmp_path_factory.mktemp(request.param), llm=request.param, layout="original")
     return Harness(path)
@@ -233,7 +233,7 @@ def test_abort_frees_slots_and_tokens(harness: Harness) -> None:
 
 
 def test_over_length_and_queue_full(tmp_path) -> None:
-    from model_runtime.tiny import write_tiny_checkpoint
+    from model_runtime.loading.tiny import write_tiny_checkpoint
 
     path = write_tiny_checkpoint(tmp_path / "ckpt")
     small = Harness(path, max_model_len=64, max_num_seqs=2, max_waiting=1)
@@ -268,7 +268,7 @@ def test_a_failing_request_leaves_the_others_running(harness: Harness) -> None:
 
 
 def test_chunked_prefill_matches(tmp_path) -> None:
-    from model_runtime.tiny import write_tiny_checkpoint
+    from model_runtime.loading.tiny import write_tiny_checkpoint
 
     path = write_tiny_checkpoint(tmp_path / "ckpt")
     chunked = Harness(path, max_num_batched_tokens=100, max_num_seqs=4)
@@ -284,7 +284,7 @@ def test_chunked_prefill_matches(tmp_path) -> None:
 
 @pytest.mark.parametrize("llm", ["qwen3", "llama", "phi3"])
 def test_other_llm_kinds_match_transformers_generate(llm: str, tmp_path) -> None:
-    from model_runtime.tiny import write_tiny_checkpoint
+    from model_runtime.loading.tiny import write_tiny_checkpoint
 
     other = Harness(write_tiny_checkpoint(tmp_path / llm, llm=llm))
     requests = [other.add(f"{llm}-{name}", CHATS[name], GREEDY) for name in ("text", "one image")]
@@ -294,7 +294,7 @@ def test_other_llm_kinds_match_transformers_generate(llm: str, tmp_path) -> None
 
 
 def test_a_resent_image_skips_decoding_and_encoding(tmp_path) -> None:
-    from model_runtime.tiny import write_tiny_checkpoint
+    from model_runtime.loading.tiny import write_tiny_checkpoint
 
     cached = Harness(write_tiny_checkpoint(tmp_path / "ckpt"))
     first = cached.add("first", CHATS["multi-turn"], GREEDY)
@@ -310,7 +310,7 @@ def test_a_resent_image_skips_decoding_and_encoding(tmp_path) -> None:
 
 def test_serves_a_quantized_model(tmp_path) -> None:
     pytest.importorskip("bitsandbytes")
-    from model_runtime.tiny import write_tiny_checkpoint
+    from model_runtime.loading.tiny import write_tiny_checkpoint
 
     quant = Harness(write_tiny_checkpoint(tmp_path / "q"), quantization="4bit")
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
@@ -323,18 +323,18 @@ def test_serves_a_quantized_model(tmp_path) -> None:
 def test_a_kv_cache_with_few_slots_is_announced(tiny_checkpoints, caplog) -> None:
     path = tiny_checkpoints[("qwen2", "original")]
     per_token = Harness(path, max_num_seqs=1).engine.cache.total_bytes / 4096  # one slot of 4096 tokens
-    with caplog.at_level("WARNING", logger="model_runtime.engine"):
+    with caplog.at_level("WARNING", logger="model_runtime.engine.engine"):
         few = Harness(path, kv_cache_memory_gib=3 * per_token * 4096 / 2**30)
     assert few.engine.cache.num_slots == 3
     assert "holds only 3 sequences of 4096 tokens" in caplog.text and "--max-model-len" in caplog.text
     caplog.clear()
-    with caplog.at_level("WARNING", logger="model_runtime.engine"):
+    with caplog.at_level("WARNING", logger="model_runtime.engine.engine"):
         Harness(path, kv_cache_memory_gib=3 * per_token * 4096 / 2**30, max_num_seqs=3)  # all it may run
     assert "holds only" not in caplog.text
 
 
 def test_default_context_leaves_room_for_sixteen_sequences() -> None:
-    from model_runtime.kv_cache import CacheShape, default_capacity
+    from model_runtime.engine.kv_cache import CacheShape, default_capacity
 
     shape = CacheShape(num_layers=8, num_kv_heads=8, head_dim=64, capacity=32768)  # 32 KiB a token (fp32)
     per_token = shape.bytes_per_token(torch.float32)
@@ -350,13 +350,13 @@ def test_default_context_leaves_room_for_sixteen_sequences() -> None:
 
 
 def test_an_unset_max_model_len_is_chosen_for_concurrency(tiny_checkpoints, caplog) -> None:
-    from model_runtime.worker import Worker
+    from model_runtime.engine.worker import Worker
 
     path = tiny_checkpoints[("qwen2", "original")]  # the model allows 32768 tokens
     probe = Harness(path, max_model_len=32768, max_num_seqs=1)
     per_token = probe.engine.cache.total_bytes // 32768
     budget = 16 * 10_000 * per_token / 2**30  # 16 sequences of 10,000 tokens
-    with caplog.at_level("INFO", logger="model_runtime.engine"):
+    with caplog.at_level("INFO", logger="model_runtime.engine.engine"):
         worker = Worker(probe.loaded, EngineConfig(model=str(path), kv_cache_memory_gib=budget))
     assert worker.engine.cache.shape.capacity == 9216  # 9 x 1024
     assert worker.engine.cache.num_slots == 17  # 160,000 tokens // 9216

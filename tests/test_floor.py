@@ -21,7 +21,7 @@ from model_runtime.sampling_params import SamplingParams  # noqa: E402
 def test_counted_matmuls_equal_the_models(llm, tiny_checkpoints, load_cached) -> None:
     from benchmarks.preprocess import encode, synthetic_image
     from model_runtime.config import EngineConfig
-    from model_runtime.processor import Processor
+    from model_runtime.inputs.processor import Processor
 
     loaded = load_cached(tiny_checkpoints[(llm, "original")])
     processor = Processor(loaded, EngineConfig(model=str(loaded.path), vision_cache_mib=0))

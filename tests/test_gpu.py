@@ -12,7 +12,7 @@ pytestmark = pytest.mark.gpu
 
 @pytest.fixture(scope="module", params=["qwen2", "internlm2"])
 def gpu_harness(request, tmp_path_factory):
-    from model_runtime.tiny import write_tiny_checkpoint
+    from model_runtime.loading.tiny import write_tiny_checkpoint
 
     path = write_tiny_checkpoint(tmp_path_factory.mktemp(f"gpu-{request.param}"), llm=request.param)
     return Harness(path, device="cuda", dtype="bfloat16")

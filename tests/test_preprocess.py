@@ -1,4 +1,4 @@
-"""model_runtime.preprocess against a restatement of InternVL's reference preprocessing."""
+"""model_runtime.inputs (tiling, image, video) against a restatement of InternVL's reference preprocessing."""
 
 from __future__ import annotations
 
@@ -16,18 +16,15 @@ from hypothesis import strategies as st
 from PIL import GifImagePlugin, Image, ImageOps
 
 from model_runtime.errors import InvalidRequestError, MediaError, MediaTooLargeError
-from model_runtime.preprocess import (
+from model_runtime.inputs.image import decode_image, load_image, preprocess_image
+from model_runtime.inputs.tiling import (
     candidate_grids,
     choose_grid,
-    decode_image,
     dynamic_preprocess,
     find_closest_aspect_ratio,
-    get_index,
-    load_image,
-    load_video,
-    preprocess_image,
     tiles_to_tensor,
 )
+from model_runtime.inputs.video import get_index, load_video
 from tests.reference import (
     ref_dynamic_preprocess,
     ref_find_closest_aspect_ratio,

@@ -7,7 +7,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from model_runtime.errors import InvalidRequestError
-from model_runtime.prompt import (
+from model_runtime.inputs.prompt import (
     IMAGE_PLACEHOLDER,
     build_prompt,
     build_prompt_text,
@@ -16,8 +16,8 @@ from model_runtime.prompt import (
     tokenize_prompt,
     tokens_per_tile,
 )
+from model_runtime.inputs.templates import get_template
 from model_runtime.request import ImageInput, Message, VideoInput
-from model_runtime.templates import get_template
 
 P = IMAGE_PLACEHOLDER
 IMG = ImageInput(b"img")

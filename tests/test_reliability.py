@@ -36,7 +36,7 @@ from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import response_schema_conformance
 
-from model_runtime.preprocess import choose_grid, dynamic_preprocess
+from model_runtime.inputs.tiling import choose_grid, dynamic_preprocess
 from scripts import soak
 from server.media import IPAddress, MediaFetcher, is_public_address
 from tests.fault_launcher import FATAL_MARKER, FAULT_MARKER
@@ -820,8 +820,8 @@ def test_tiling_property(width: int, height: int, min_tiles: int, extra: int, us
 
 @pytest.fixture(scope="module")
 def loaded_tiny(servers: SharedServers) -> Any:
-    from model_runtime.checkpoint import load_checkpoint
     from model_runtime.config import EngineConfig
+    from model_runtime.loading.checkpoint import load_checkpoint
 
     return load_checkpoint(EngineConfig(model=str(servers.checkpoint), device="cpu", dtype="float32"))
 
@@ -858,7 +858,7 @@ def test_prompt_image_tokens_match_vision_feature_rows(
     loaded_tiny: Any, media: list[Any], turns: int
 ) -> None:
 
-    from model_runtime.prompt import build_prompt
+    from model_runtime.inputs.prompt import build_prompt
     from model_runtime.request import ImageInput, Message, VideoInput
 
     parts = [ImageInput(b"") if kind == "image" else VideoInput(b"") for kind, _ in media]

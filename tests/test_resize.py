@@ -1,4 +1,4 @@
-"""model_runtime.resize: strip-parallel bicubic resize gives exactly Image.resize's pixels."""
+"""model_runtime.inputs.resize: strip-parallel bicubic resize gives exactly Image.resize's pixels."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model_runtime import resize
+from model_runtime.inputs import resize
 
 
 def noisy_image(width: int, height: int, seed: int = 0) -> Image.Image:
@@ -83,7 +83,7 @@ def test_small_images_are_not_cut() -> None:
 
 
 def test_strips_match_this_pillow() -> None:
-    # The once-per-process check that keeps preprocess's strip path on.
+    # The once-per-process check that keeps the tiling's strip path on.
     assert resize.matches_pillow()
 
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from model_runtime.sampling import (
+from model_runtime.engine.sampler import (
     BatchSamplingState,
     apply_penalties,
     apply_temperature_top_k_top_p_min_p,

@@ -16,10 +16,10 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
+from model_runtime.engine.scheduler import PrefillChunk, Scheduler, SlotMove, StepPlan
+from model_runtime.engine.sequence import Request, Sequence, Status
 from model_runtime.errors import InvalidRequestError, PromptTooLongError, QueueFullError
 from model_runtime.sampling_params import SamplingParams
-from model_runtime.scheduler import PrefillChunk, Scheduler, SlotMove, StepPlan
-from model_runtime.sequence import Request, Sequence, Status
 
 _ids = itertools.count()
 RARELY = st.sampled_from([False] * 7 + [True])  # shrinks towards False

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from model_runtime.errors import CheckpointError
-from model_runtime.prompt import IMAGE_PLACEHOLDER, build_prompt_text, expand_image_slots
+from model_runtime.inputs.prompt import IMAGE_PLACEHOLDER, build_prompt_text, expand_image_slots
+from model_runtime.inputs.templates import TEMPLATES, get_template, render, template_for_hf_checkpoint
 from model_runtime.request import ImageInput, Message
-from model_runtime.templates import TEMPLATES, get_template, render, template_for_hf_checkpoint
 
 SYS_2_5 = "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"  # noqa: E501
 SYS_2 = "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"  # noqa: E501

@@ -7,15 +7,15 @@ import asyncio
 import pytest
 
 from model_runtime.config import EngineConfig
+from model_runtime.engine.worker import Worker
 from model_runtime.errors import EngineDeadError, InvalidRequestError, MediaError, PromptTooLongError
 from model_runtime.request import ChatInput, ImageInput, Message
 from model_runtime.sampling_params import SamplingParams
-from model_runtime.worker import Worker
 
 
 @pytest.fixture(scope="module")
 def worker(tmp_path_factory):
-    from model_runtime.tiny import write_tiny_checkpoint
+    from model_runtime.loading.tiny import write_tiny_checkpoint
 
     path = write_tiny_checkpoint(tmp_path_factory.mktemp("worker"))
     worker = Worker.start(EngineConfig(model=str(path), max_model_len=2048, max_num_seqs=8))
@@ -84,7 +84,7 @@ def test_errors_arrive_before_any_output(worker: Worker) -> None:
 
 
 def test_dead_engine_refuses(tmp_path) -> None:
-    from model_runtime.tiny import write_tiny_checkpoint
+    from model_runtime.loading.tiny import write_tiny_checkpoint
 
     worker = Worker.start(EngineConfig(model=str(write_tiny_checkpoint(tmp_path / "m"))))
 

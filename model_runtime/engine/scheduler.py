@@ -17,8 +17,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from model_runtime.engine.sequence import Request, Sequence, Status
 from model_runtime.errors import InvalidRequestError, PromptTooLongError, QueueFullError
-from model_runtime.sequence import Request, Sequence, Status
 
 
 @dataclass(frozen=True)

@@ -16,13 +16,13 @@ import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from model_runtime import resize
-from model_runtime.checkpoint import LoadedCheckpoint, load_checkpoint
 from model_runtime.config import EngineConfig
-from model_runtime.engine import Engine
+from model_runtime.engine.engine import Engine
 from model_runtime.engine_client import HealthState, ModelInfo
 from model_runtime.errors import EngineDeadError
-from model_runtime.processor import Processor
+from model_runtime.inputs import resize
+from model_runtime.inputs.processor import Processor
+from model_runtime.loading.checkpoint import LoadedCheckpoint, load_checkpoint
 from model_runtime.request import ChatInput, EngineStats, Message, RequestOutput
 from model_runtime.sampling_params import SamplingParams
 

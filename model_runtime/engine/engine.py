@@ -13,17 +13,17 @@ from collections.abc import Callable
 
 import torch
 
-from model_runtime.checkpoint import LoadedCheckpoint
 from model_runtime.config import EngineConfig
-from model_runtime.detokenizer import IncrementalDetokenizer
+from model_runtime.engine.detokenizer import IncrementalDetokenizer
+from model_runtime.engine.kv_cache import CacheShape, SlotKVCache, default_capacity, slots_for_budget
+from model_runtime.engine.runner import ModelRunner
+from model_runtime.engine.sampler import make_generator
+from model_runtime.engine.scheduler import PrefillChunk, Scheduler, SlotMove
+from model_runtime.engine.sequence import Request, Sequence
+from model_runtime.engine.vision_cache import VisionFeatureCache
 from model_runtime.errors import RequestFailedError
-from model_runtime.kv_cache import CacheShape, SlotKVCache, default_capacity, slots_for_budget
+from model_runtime.loading.checkpoint import LoadedCheckpoint
 from model_runtime.request import CompletionDelta, EngineStats, RequestOutput, TokenLogprob
-from model_runtime.runner import ModelRunner
-from model_runtime.sampling import make_generator
-from model_runtime.scheduler import PrefillChunk, Scheduler, SlotMove
-from model_runtime.sequence import Request, Sequence
-from model_runtime.vision_cache import VisionFeatureCache
 
 log = logging.getLogger(__name__)
 

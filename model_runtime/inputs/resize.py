@@ -101,11 +101,10 @@ Fill = Callable[[int, int, Image.Image], None]  # (left, top, strip of the resiz
 class StripResize:
     """One image.resize(size, BICUBIC) in flight on a pool, in strips.
 
-    The first of two passes is queued as soon as the source rows it needs are there: all at once by
-    default, or as release(rows) reports more of an image still being decoded. finish() (called once
-    the source is complete) waits for that pass and queues the last one, whose strips are cut at
-    multiples of `align` and handed to a callback on the pool thread that made them. Two resizes of
-    one image can so keep every core busy: start both, then finish both.
+    The first of two passes is queued when the object is made. finish() waits for that pass and
+    queues the last one, whose strips are cut at multiples of `align` and handed to a callback on the
+    pool thread that made them. Two resizes of one image can so keep every core busy: start both,
+    then finish both.
     """
 
     def __init__(
@@ -115,26 +114,22 @@ class StripResize:
         size: tuple[int, int],
         workers: int,
         min_strip_pixels: int = MIN_STRIP_PIXELS,
-        *,
-        first_parts: int | None = None,
-        rows_ready: int | None = None,
     ) -> None:
         self.pool, self.size, self.workers = pool, size, workers
         self.min_strip_pixels = min_strip_pixels
         self.passes = pass_order(image.size, size)
         self.image = image
         self.first: list[Future[None]] = []
-        self._waiting: list[tuple[int, int]] = []  # first-pass strips not queued yet
         # The first pass's output, filled in place by its strips, which cover all of it (so it is
         # not initialised). Allocated on the pool, queued before any strip, so it is running or
         # done by the time a strip waits for it.
         self._between: Future[Image.Image] | None = None
         if len(self.passes) == 2:
-            parts = first_parts or strip_count(image, workers, min_strip_pixels)
-            self._waiting = bands(image.height if self.passes[0] == "h" else image.width, parts)
+            parts = strip_count(image, workers, min_strip_pixels)
             between = (size[0], image.height) if self.passes[0] == "h" else (image.width, size[1])
             self._between = pool.submit(Image.new, image.mode, between, None)
-        self.release(image.height if rows_ready is None else rows_ready)
+            length = image.height if self.passes[0] == "h" else image.width
+            self.first = [pool.submit(self._first_strip, a, b) for a, b in bands(length, parts)]
 
     def _first_strip(self, start: int, end: int) -> None:
         axis = self.passes[0]
@@ -142,37 +137,8 @@ class StripResize:
         assert self._between is not None
         self._between.result().paste(strip, (0, start) if axis == "h" else (start, 0))  # disjoint regions
 
-    def release(self, rows: int, limit: int | None = None) -> int:
-        """Queue the first-pass strips that need only the source's top `rows` rows, at most `limit`
-        of them; returns how many were queued."""
-        if not self._waiting:
-            return 0
-        axis = self.passes[0]
-        queued = 0
-        while self._waiting and (limit is None or queued < limit):
-            start, end = self._waiting[0]
-            if (end if axis == "h" else self.image.height) > rows:
-                break
-            self._waiting.pop(0)
-            self.first.append(self.pool.submit(self._first_strip, start, end))
-            queued += 1
-        return queued
-
-    def in_flight(self) -> int:
-        """First-pass strips queued or running."""
-        return sum(not future.done() for future in self.first)
-
-    def cancel(self) -> None:
-        """Drop what has not started: the source will not be finished."""
-        self._waiting.clear()
-        for future in self.first:
-            future.cancel()
-
     def finish(self, fill: Fill, align: int = 1) -> list[Future[None]]:
-        """Queue the last pass; each of its strips goes to fill(left, top, strip). Returns its futures.
-
-        Call it once the source image is complete."""
-        self.release(self.image.height)
+        """Queue the last pass; each of its strips goes to fill(left, top, strip). Returns its futures."""
         for future in self.first:
             future.result()
         image = self.image if self._between is None else self._between.result()
@@ -209,7 +175,7 @@ def resize(
 @functools.cache
 def matches_pillow() -> bool:
     """Whether strips reproduce this Pillow's Image.resize exactly, checked once on noise images in
-    both pass orders (about 10 ms). False turns preprocess's strip path off."""
+    both pass orders (about 10 ms). False turns the tiling's strip path off."""
     import numpy as np  # only here: the rest of this module needs no numpy
 
     noise = np.random.default_rng(0).integers(0, 256, size=(240, 320, 3), dtype=np.uint8)
@@ -219,7 +185,7 @@ def matches_pillow() -> bool:
             strips = resize(image, size, pool, workers=3, min_strip_pixels=1)
             if strips.tobytes() != image.resize(size, BICUBIC).tobytes():
                 log.warning(
-                    "Pillow %s resizes differently from what model_runtime.resize expects; "
+                    "Pillow %s resizes differently from what model_runtime.inputs.resize expects; "
                     "image resizes run on one thread each",
                     _pillow_version,
                 )

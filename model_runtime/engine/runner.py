@@ -11,12 +11,18 @@ from collections.abc import Sequence as Seq
 
 import torch
 
-from model_runtime.checkpoint import LoadedCheckpoint
-from model_runtime.kv_cache import SlotKVCache
-from model_runtime.sampling import BatchSamplingState, apply_penalties, compute_logprobs, sample, token_counts
-from model_runtime.scheduler import PrefillChunk
-from model_runtime.sequence import Request, Sequence
-from model_runtime.vision_cache import VisionFeatureCache
+from model_runtime.engine.kv_cache import SlotKVCache
+from model_runtime.engine.sampler import (
+    BatchSamplingState,
+    apply_penalties,
+    compute_logprobs,
+    sample,
+    token_counts,
+)
+from model_runtime.engine.scheduler import PrefillChunk
+from model_runtime.engine.sequence import Request, Sequence
+from model_runtime.engine.vision_cache import VisionFeatureCache
+from model_runtime.loading.checkpoint import LoadedCheckpoint
 
 
 class ModelRunner:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from model_runtime import layouts
+from model_runtime.loading import layouts
 
 SPECIAL_TOKENS = [
     "<|endoftext|>",

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from model_runtime.errors import InvalidRequestError
+from model_runtime.inputs.templates import ConversationTemplate, render
 from model_runtime.request import ImageInput, Message, VideoInput
-from model_runtime.templates import ConversationTemplate, render
 
 # NUL characters cannot come out of a tokenizer's vocabulary as text we write, and a client sending
 # this exact string is refused, so every occurrence in a built prompt is one of ours.

@@ -9,15 +9,16 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 
-from model_runtime.checkpoint import LoadedCheckpoint
 from model_runtime.config import EngineConfig
+from model_runtime.engine.sequence import ImageSlot, Request
+from model_runtime.engine.vision_cache import VisionFeatureCache
 from model_runtime.errors import InvalidRequestError, RuntimeErrorBase
-from model_runtime.preprocess import load_image, load_video
-from model_runtime.prompt import build_prompt
+from model_runtime.inputs.image import load_image
+from model_runtime.inputs.prompt import build_prompt
+from model_runtime.inputs.video import load_video
+from model_runtime.loading.checkpoint import LoadedCheckpoint
 from model_runtime.request import ChatInput, ImageInput, VideoInput
 from model_runtime.sampling_params import SamplingParams
-from model_runtime.sequence import ImageSlot, Request
-from model_runtime.vision_cache import VisionFeatureCache
 
 
 def _digest(data: bytes) -> str:
