@@ -87,7 +87,12 @@ def run_baseline(worker: Worker, chats: list[ChatInput], workload: Workload) -> 
             )
         with torch.inference_mode():
             out = model.generate(
-                input_ids=ids, max_new_tokens=workload.max_tokens, do_sample=False, pad_token_id=0, **kwargs
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=workload.max_tokens,
+                do_sample=False,
+                pad_token_id=0,
+                **kwargs,
             )
         new = out[0, ids.shape[1] :].tolist()
         outputs.append(new)

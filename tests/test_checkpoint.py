@@ -65,7 +65,7 @@ def prompt_ids(loaded: LoadedCheckpoint, tiles: int) -> torch.Tensor:
     """A chat prompt with one image of `tiles` tiles (none when 0), as the runtime would build it."""
     image = "<img>" + "<IMG_CONTEXT>" * (loaded.tokens_per_tile * tiles) + "</img>\n" if tiles else ""
     text = f"<|im_start|>user\n{image}Describe the image.<|im_end|>\n<|im_start|>assistant\n"
-    ids = loaded.tokenizer(text, return_tensors="pt").input_ids  # [1, L]
+    ids = loaded.tokenizer(text, return_tensors="pt")["input_ids"]  # [1, L]
     assert int((ids == loaded.image_context_id).sum()) == loaded.tokens_per_tile * tiles
     return ids
 
@@ -447,6 +447,29 @@ def test_engine_config_template_overrides(tiny_checkpoints: Checkpoints, layout:
 
 def test_engine_config_unknown_template(tiny_checkpoints: Checkpoints) -> None:
     expect_error(tiny_checkpoints[("qwen2", "original")], "no-such-template", template="no-such-template")
+
+
+def test_phi3_su_rope_loads_with_phi3s_own_frequencies(tmp_path: Path) -> None:
+    """InternVL2-4B's llm_config writes Phi-3-mini-128k's LongRoPE as type "su" with the original
+    context length at the top level; it loads, and gives the frequencies Phi-3's own su-scaled
+    rotary embedding computes: short factors up to the original length, long ones past it, both
+    scaled by sqrt(1 + log(scale) / log(original))."""
+    import math
+
+    path = write_tiny_checkpoint(tmp_path / "phi3", llm="phi3")
+    llm = json.loads((path / "config.json").read_text())["llm_config"]
+    assert llm["rope_scaling"]["type"] == "su" and "original_max_position_embeddings" in llm
+    lm = load(path).model.model.language_model
+    original, dim = llm["original_max_position_embeddings"], llm["hidden_size"] // llm["num_attention_heads"]
+    factor = math.sqrt(1 + math.log(llm["max_position_embeddings"] / original) / math.log(original))
+    for positions in (torch.arange(0, 64), torch.arange(original - 8, original + 40)):
+        seq_len = int(positions.max()) + 1
+        ext = torch.tensor(llm["rope_scaling"]["long_factor" if seq_len > original else "short_factor"])
+        inv_freq = 1.0 / (ext * llm["rope_theta"] ** (torch.arange(0, dim, 2).float() / dim))
+        freqs = torch.cat([positions[:, None].float() * inv_freq[None]] * 2, dim=-1)
+        cos, sin = lm.rotary_emb(torch.zeros(1, dtype=torch.float32), positions[None])
+        torch.testing.assert_close(cos[0], freqs.cos() * factor)
+        torch.testing.assert_close(sin[0], freqs.sin() * factor)
 
 
 def test_template_whose_stop_token_the_tokenizer_lacks(tiny_checkpoints: Checkpoints) -> None:

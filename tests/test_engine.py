@@ -87,6 +87,7 @@ class Harness:
         with torch.inference_mode():
             out = model.generate(
                 input_ids=ids,
+                attention_mask=torch.ones_like(ids),  # else a BOS equal to pad_token_id would be masked
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 eos_token_id=list(self.loaded.stop_token_ids),
@@ -139,7 +140,9 @@ def test_greedy_matches_transformers_generate(harness: Harness, name: str) -> No
 def test_video_matches_transformers_generate(harness: Harness) -> None:
     chat = ChatInput((user(VideoInput(mp4(), num_frames=4), "What happens?"),))
     request = harness.add("video", chat, GREEDY)
-    assert len(request.images) == 4 and "Frame4: <img>" in harness.loaded.tokenizer.decode(request.prompt_ids)
+    text = harness.loaded.tokenizer.decode(request.prompt_ids)
+    # (InternLM2's tokenizer decodes with a space before special tokens, as the original does.)
+    assert len(request.images) == 4 and ("Frame4: <img>" in text or "Frame4:  <img>" in text)
     reference = harness.reference(harness.request("ref-video", chat, GREEDY), 12)
     harness.run()
     assert request.seqs[0].output_ids == reference
@@ -282,7 +285,7 @@ def test_chunked_prefill_matches(tmp_path) -> None:
     assert other.seqs[0].output_ids == chunked.reference(chunked.request("r2", CHATS["text"], GREEDY), 12)
 
 
-@pytest.mark.parametrize("llm", ["qwen3", "llama", "phi3"])
+@pytest.mark.parametrize("llm", ["qwen3", "llama", "phi3", "yi"])
 def test_other_llm_kinds_match_transformers_generate(llm: str, tmp_path) -> None:
     from model_runtime.loading.tiny import write_tiny_checkpoint
 

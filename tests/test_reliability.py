@@ -713,10 +713,10 @@ def test_ceilings_refused_before_any_work(caps: ServerProcess) -> None:
 
 def test_prompt_over_max_model_len_refused_naming_both_numbers(caps: ServerProcess) -> None:
     """Text alone, text plus image tokens, and prompt plus max_tokens: each over the 4096 context."""
-    sentence = "The quick brown fox. "  # 7 tokens with the tiny tokenizer
-    fits = text_part(sentence * 300)  # ~2100 tokens
+    sentence = "The quick brown fox. "  # 10 tokens with the tiny tokenizer
+    fits = text_part(sentence * 210)  # ~2100 tokens
     wide = image_part(WIDE, max_dynamic_patch=MAX_TILES)  # 5 tiles: 1280 image tokens
-    nearly_full = text_part(sentence * 560)  # ~3900 tokens
+    nearly_full = text_part(sentence * 390)  # ~3900 tokens
     assert post(caps, body_of(fits, max_tokens=1)).status_code == 200
     assert post(caps, body_of(nearly_full, max_tokens=1)).status_code == 200
     before = caps.metrics()

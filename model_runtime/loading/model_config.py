@@ -88,8 +88,30 @@ def _text_config_from_original(llm: dict, kind: str):
             "eos_token_id": llm.get("eos_token_id", 2),
             "pad_token_id": llm.get("pad_token_id"),
         }
+    if kind == "phi3":
+        fields["rope_scaling"] = _phi3_rope(fields.get("rope_scaling"), fields)
     fields.pop("model_type", None)
     return AutoConfig.for_model(LLM_KINDS[kind], **fields)
+
+
+def _phi3_rope(rope: dict | None, fields: dict) -> dict | None:
+    """Phi-3-mini-128k's RoPE in transformers 5's words.
+
+    InternVL2-4B's llm_config writes it as the Phi-3 code it ships expects: type "su" ("scaled
+    uniform", the name of Phi-3's LongRoPE before transformers adopted it as "longrope"), with
+    `original_max_position_embeddings` at the top level of llm_config, where transformers also reads
+    it. transformers 5 knows only "longrope", and computes the same frequencies and attention factor
+    (tests/test_checkpoint.py checks them against Phi-3's formulas).
+    """
+    if not rope or rope.get("type", rope.get("rope_type")) != "su":
+        return rope
+    rope = {k: v for k, v in rope.items() if k != "rope_type"}
+    rope["type"] = "longrope"
+    original = fields.get("original_max_position_embeddings")
+    if original and "factor" not in rope:
+        # Phi-3's scale: the extended over the original context (transformers asks for it by name).
+        rope["factor"] = fields.get("max_position_embeddings", original) / original
+    return rope
 
 
 def _vision_config_from_original(vision: dict, image_size: int) -> dict:

@@ -2,8 +2,8 @@
 
 No weights can be downloaded in CI, so the real loading code is exercised on checkpoints we write
 ourselves: the same tensors saved in OpenGVLab's original `InternVLChatModel` layout and in the
-transformers-native `-hf` layout, with a byte-level BPE tokenizer trained locally that carries
-every InternVL special token.
+transformers-native `-hf` layout, with a tokenizer trained locally in the file set its family's real
+checkpoints ship (model_runtime/loading/tiny_tokenizers.py).
 """
 
 from __future__ import annotations
@@ -18,45 +18,23 @@ import torch
 from safetensors.torch import save_file
 
 from model_runtime.loading import layouts
+from model_runtime.loading.tiny_tokenizers import write_tokenizer
+from model_runtime.loading.tokenizer import load_tokenizer
 
-SPECIAL_TOKENS = [
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<img>",
-    "</img>",
-    "<IMG_CONTEXT>",
-    "<quad>",
-    "</quad>",
-    "<ref>",
-    "</ref>",
-    "<box>",
-    "</box>",
-]
-INTERNLM2_EXTRA = ["<s>", "</s>", "<unk>"]
-PHI3_EXTRA = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
-# The LLM kinds InternVL uses, the native config class each becomes, and its default template.
+# The LLM kinds InternVL uses: (architecture in the original layout, native model type, template).
+# "llama" is InternVL2-Llama3-76B's Llama 3; "yi" is InternVL2-40B's Yi (a Llama architecture).
 LLM_KINDS = {
-    "qwen2": ("Qwen2ForCausalLM", "internvl2_5"),
-    "qwen3": ("Qwen3ForCausalLM", "internvl2_5"),
-    "llama": ("LlamaForCausalLM", "Hermes-2"),
-    "phi3": ("Phi3ForCausalLM", "phi3-chat"),
-    "internlm2": ("InternLM2ForCausalLM", "internlm2-chat"),
+    "qwen2": ("Qwen2ForCausalLM", "qwen2", "internvl2_5"),
+    "qwen3": ("Qwen3ForCausalLM", "qwen3", "internvl2_5"),
+    "internlm2": ("InternLM2ForCausalLM", "internlm2", "internlm2-chat"),
+    "phi3": ("Phi3ForCausalLM", "phi3", "phi3-chat"),
+    "yi": ("LlamaForCausalLM", "llama", "Hermes-2"),
+    "llama": ("LlamaForCausalLM", "llama", "Hermes-2"),
 }
-
-# A small fixed corpus: enough merges for plausible token lengths; byte-level BPE covers any text.
-_CORPUS = [
-    "You are a helpful assistant. Describe the image in detail. What is in the picture?",
-    "The quick brown fox jumps over the lazy dog. A red panda is eating bamboo in the video.",
-    "Image-1: Image-2: Frame1: Frame2: Frame3: Frame4: Frame5: Frame6: Frame7: Frame8:",
-    "Hello, who are you? Can you tell me a story? Please write a poem according to the image.",
-    "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。",
-    "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，",
-    "英文名叫InternVL, 是一个有用无害的人工智能助手。",
-    "system user assistant the a of and to in is that it for on with as was at by an be this",
-    "0 1 2 3 4 5 6 7 8 9 10 100 1000 numbers, punctuation! question? colon: semicolon; quote's",
-    "🐼 emoji and ünïcödé text: café, naïve, façade, 東京, 서울, Москва",
-]
+# Phi-3-mini-128k's long-context RoPE as InternVL2-4B's llm_config writes it: type "su", the original
+# context length at the top level of llm_config.
+PHI3_ORIGINAL_MAX_POSITIONS = 4096
+PHI3_MAX_POSITIONS = 131072
 
 
 @dataclass(frozen=True)
@@ -84,47 +62,11 @@ SHAPES: dict[str, TinyShape] = {
 }
 
 
-def build_tokenizer(llm: str, vocab_size: int):
-    """Train a byte-level BPE tokenizer with InternVL's special tokens (deterministic)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
+def _text_config(shape: TinyShape, llm: str, tokenizer):
+    from transformers import AutoConfig, LlamaConfig
 
-    specials = (
-        SPECIAL_TOKENS
-        + (INTERNLM2_EXTRA if llm == "internlm2" else [])
-        + (PHI3_EXTRA if llm == "phi3" else [])
-    )
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=min(vocab_size, 4096),
-        special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
-    if llm == "internlm2":
-        # InternLM2's tokenizer adds <s> in front of every encoded text, as the original does.
-        bos = tok.token_to_id("<s>")
-        tok.post_processor = processors.TemplateProcessing(
-            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
-        )
-        kwargs = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "</s>"}
-    else:
-        tok.post_processor = processors.ByteLevel(trim_offsets=False)
-        kwargs = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, **kwargs)
-    fast.add_special_tokens({"additional_special_tokens": [t for t in specials if t not in kwargs.values()]})
-    return fast
-
-
-def _native_config(shape: TinyShape, llm: str, tokenizer, template: str):
-    from transformers import AutoConfig, InternVLConfig, LlamaConfig
-
-    vocab = max(shape.vocab_size, len(tokenizer))
     common = dict(
-        vocab_size=vocab,
+        vocab_size=max(shape.vocab_size, len(tokenizer)),
         hidden_size=shape.llm_hidden,
         intermediate_size=shape.llm_intermediate,
         num_hidden_layers=shape.llm_layers,
@@ -132,23 +74,35 @@ def _native_config(shape: TinyShape, llm: str, tokenizer, template: str):
         num_key_value_heads=shape.llm_kv_heads,
         max_position_embeddings=32768,
         rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
-    if llm != "internlm2":
-        ids = tokenizer.convert_tokens_to_ids
-        common.update(bos_token_id=None, eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"))
-    if llm in ("qwen2", "qwen3", "llama", "phi3"):
-        text = AutoConfig.for_model(llm, rope_theta=1000000.0, tie_word_embeddings=False, **common)
-    elif llm == "internlm2":
-        text = LlamaConfig(
-            rope_theta=1000000.0,
-            tie_word_embeddings=False,
-            attention_bias=False,
-            bos_token_id=tokenizer.convert_tokens_to_ids("<s>"),
-            eos_token_id=tokenizer.convert_tokens_to_ids("</s>"),
+    if llm == "internlm2":
+        return LlamaConfig(rope_theta=1000000.0, attention_bias=False, **common)
+    if llm == "phi3":
+        head_dim = shape.llm_hidden // shape.llm_heads
+        # Distinct short and long factors, so a wrong choice between them changes the logits.
+        factors = {
+            "short_factor": [1.0 + 0.05 * i for i in range(head_dim // 2)],
+            "long_factor": [1.5 + 0.25 * i for i in range(head_dim // 2)],
+        }
+        common["max_position_embeddings"] = PHI3_MAX_POSITIONS
+        return AutoConfig.for_model(
+            "phi3",
+            rope_theta=10000.0,
+            rope_scaling={"type": "longrope", **factors},
+            original_max_position_embeddings=PHI3_ORIGINAL_MAX_POSITIONS,
             **common,
         )
-    else:
-        raise ValueError(f"unknown tiny LLM kind {llm!r}; choose one of {sorted(LLM_KINDS)}")
+    return AutoConfig.for_model(LLM_KINDS[llm][1], rope_theta=1000000.0, **common)
+
+
+def _native_config(shape: TinyShape, llm: str, tokenizer):
+    from transformers import InternVLConfig
+
+    text = _text_config(shape, llm, tokenizer)
     vision = dict(
         hidden_size=shape.vision_hidden,
         intermediate_size=shape.vision_hidden * 4,
@@ -194,7 +148,7 @@ def _random_model(config, seed: int):
     return model
 
 
-def _original_config(config, llm: str, template: str, tokenizer) -> dict:
+def _original_config(config, llm: str, template: str) -> dict:
     v = config.vision_config
     t = config.text_config
     vision = {
@@ -228,21 +182,34 @@ def _original_config(config, llm: str, template: str, tokenizer) -> dict:
         "tie_word_embeddings": False,
         "torch_dtype": "bfloat16",
     }
-    if llm != "internlm2":
-        ids = {"bos_token_id": t.bos_token_id, "eos_token_id": t.eos_token_id, "pad_token_id": t.pad_token_id}
-        llm_config = {"architectures": [LLM_KINDS[llm][0]], "model_type": llm, **base, **ids}
-    else:
+    ids = {"bos_token_id": t.bos_token_id, "eos_token_id": t.eos_token_id, "pad_token_id": t.pad_token_id}
+    if llm == "internlm2":
         llm_config = {
             "architectures": ["InternLM2ForCausalLM"],
             "model_type": "internlm2",
             "auto_map": {"AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM"},
             "bias": False,
-            "rope_scaling": None,
-            "bos_token_id": t.bos_token_id,
-            "eos_token_id": t.eos_token_id,
-            "pad_token_id": tokenizer.pad_token_id,
+            "rope_scaling": {"type": "dynamic", "factor": 2.0},
+            **ids,
             **base,
         }
+    elif llm == "phi3":
+        rope = t.rope_parameters
+        llm_config = {
+            "architectures": ["Phi3ForCausalLM"],
+            "model_type": "phi3",
+            **ids,
+            **base,
+            "original_max_position_embeddings": PHI3_ORIGINAL_MAX_POSITIONS,
+            "rope_scaling": {
+                "type": "su",
+                "long_factor": rope["long_factor"],
+                "short_factor": rope["short_factor"],
+            },
+        }
+    else:
+        arch, model_type, _ = LLM_KINDS[llm]
+        llm_config = {"architectures": [arch], "model_type": model_type, **base, **ids}
     return {
         "architectures": ["InternVLChatModel"],
         "model_type": "internvl_chat",
@@ -286,9 +253,10 @@ def write_tiny_checkpoint(
     shape = SHAPES[size]
     if llm not in LLM_KINDS:
         raise ValueError(f"unknown tiny LLM kind {llm!r}; choose one of {sorted(LLM_KINDS)}")
-    template = template or LLM_KINDS[llm][1]
-    tokenizer = build_tokenizer(llm, shape.vocab_size)
-    config = _native_config(shape, llm, tokenizer, template)
+    template = template or LLM_KINDS[llm][2]
+    write_tokenizer(out, llm)
+    tokenizer = load_tokenizer(out)
+    config = _native_config(shape, llm, tokenizer)
     model = _random_model(config, seed)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     if layout == "hf":
@@ -297,12 +265,10 @@ def write_tiny_checkpoint(
         cfg["architectures"] = ["InternVLForConditionalGeneration"]
         (out / "config.json").write_text(json.dumps(cfg, indent=2))
     else:
-        original = layouts.native_to_original(state, llm_kind=llm, config=config)
+        kind = "internlm2" if llm == "internlm2" else LLM_KINDS[llm][1]
+        original = layouts.native_to_original(state, llm_kind=kind, config=config)
         save_file(original, str(out / "model.safetensors"), metadata={"format": "pt"})
-        (out / "config.json").write_text(
-            json.dumps(_original_config(config, llm, template, tokenizer), indent=2)
-        )
-    tokenizer.save_pretrained(str(out))
+        (out / "config.json").write_text(json.dumps(_original_config(config, llm, template), indent=2))
     (out / "generation_config.json").write_text(json.dumps({"do_sample": False}))
     return out
 
@@ -317,7 +283,7 @@ def demo_checkpoint_dir() -> Path:
 
 def ensure_demo_checkpoint() -> str:
     """Generate the demo model (tiny, random: its answers are noise) on first use; return its path."""
-    target = demo_checkpoint_dir() / "tiny-qwen2-original-v2"
+    target = demo_checkpoint_dir() / "tiny-qwen2-original-v3"
     if not (target / "model.safetensors").exists():
         tmp = target.with_name(target.name + ".partial")
         write_tiny_checkpoint(tmp, layout="original", llm="qwen2", size="tiny", seed=0)
