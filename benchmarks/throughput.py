@@ -247,8 +247,10 @@ def main(argv: list[str] | None = None) -> int:
         kind = "GPU allocated" if device.type == "cuda" else "RSS"
         print(f"\npeak memory: {peak_memory_mib(device):.0f} MiB ({kind})")
         stats = worker.stats()
-        used = stats.extra["used_slots"]
-        print(f"after the run: running={stats.num_running} waiting={stats.num_waiting} used_slots={used:.0f}")
+        print(
+            f"after the run: running={stats.num_running} waiting={stats.num_waiting} "
+            f"KV blocks in use={stats.cache_used_blocks}"
+        )
         asyncio.run(worker.shutdown())
     return 0 if ok else 1
 

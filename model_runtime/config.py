@@ -28,7 +28,7 @@ class EngineOptions(BaseModel):
     device_map: str | None = None
     """e.g. 'auto' to spread a large model over GPUs (needs accelerate)"""
     attn_implementation: str = "auto"
-    """auto (flash_attention_2 when installed, else sdpa), sdpa, eager, flash_attention_2"""
+    """vision tower's attention: auto (= sdpa), sdpa, eager or flash_attention_2; the LM always uses paged SDPA"""
     allow_pickle: bool = False
     """read .bin (pickle) weights; off because unpickling can run code"""
     template: str | None = None
@@ -36,11 +36,17 @@ class EngineOptions(BaseModel):
     seed: int = 0
     """engine seed for requests without one"""
     max_model_len: int | None = None
-    """context length; None = the model's, cut to fit 16 sequences in the KV cache (not below 8192)"""
+    """context length; None = the model's (at most 32768), cut to what the KV cache holds"""
     max_num_seqs: int = 64
     """sequences generated together"""
     max_num_batched_tokens: int = 8192
     """tokens per engine step (prefill budget)"""
+    block_size: int = 16
+    """tokens per KV-cache block"""
+    enable_prefix_caching: bool = True
+    """reuse the keys and values of prompt prefixes computed before (chat history, shared system prompts)"""
+    step_time_target_ms: float | None = None
+    """how long a step with prefill or image work may take while streams decode; None = per device (CPU 250, GPU 60)"""
     max_waiting: int = 256
     """queued requests before new ones get 503"""
     kv_cache_memory_gib: float | None = None

@@ -6,7 +6,7 @@ The server turns an OpenAI request into a `ChatInput` + `SamplingParams`; the wo
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 
@@ -79,6 +79,7 @@ class RequestOutput:
     prompt_tokens: int
     completion_tokens: int
     image_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
     finished: bool = False
     error: Exception | None = None
     # Wall-clock seconds the request spent queued before its first scheduling (set once).
@@ -91,10 +92,13 @@ class EngineStats:
 
     num_running: int = 0
     num_waiting: int = 0
-    cache_usage: float = 0.0
-    cache_used_tokens: int = 0
-    cache_total_tokens: int = 0
+    cache_usage: float = 0.0  # KV blocks in use / total
+    cache_used_blocks: int = 0
+    cache_total_blocks: int = 0
+    block_size: int = 0
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0  # of which were found
+    num_preemptions: int = 0
     vision_cache_bytes: int = 0
     vision_cache_hits: int = 0
     vision_cache_misses: int = 0
-    extra: dict[str, float] = field(default_factory=dict)

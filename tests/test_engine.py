@@ -55,6 +55,11 @@ class Harness:
         self.uncached = Processor(self.loaded, self.config)
         self.outputs: dict[str, list[RequestOutput]] = {}
 
+    @property
+    def pool_bytes_per_token(self) -> int:
+        pool = self.engine.pool
+        return pool.total_bytes // (pool.num_blocks * pool.block_size)
+
     def request(self, rid: str, chat: ChatInput, params: SamplingParams) -> Request:
         """A prepared request with its pixel values (for references), not submitted."""
         return self.uncached.process(rid, chat, params)
@@ -161,7 +166,7 @@ def test_batched_equals_one_at_a_time_with_joins(harness: Harness) -> None:
     batched += [harness.add(f"batch-{i + 4}", chat, GREEDY) for i, chat in enumerate(chats[4:])]
     harness.run()
     assert [r.seqs[0].output_ids for r in batched] == alone
-    assert harness.engine.stats().extra["used_slots"] == 0
+    assert harness.engine.stats().cache_used_blocks == 0
 
 
 def test_streamed_text_equals_decode(harness: Harness) -> None:
@@ -220,18 +225,19 @@ def test_n_shares_one_prefill(harness: Harness) -> None:
     assert sorted(reasons) == ["length"] * 3
 
 
-def test_abort_frees_slots_and_tokens(harness: Harness) -> None:
+def test_abort_frees_blocks(harness: Harness) -> None:
     requests = [
         harness.add(f"ab-{i}", CHATS["text"], SamplingParams(max_tokens=50, ignore_eos=True))
         for i in range(4)
     ]
     for _ in range(3):
         harness.engine.step()
-    assert harness.engine.stats().extra["used_slots"] == 4
+    stats = harness.engine.stats()
+    assert stats.num_running == 4 and stats.cache_used_blocks >= 4
     for request in requests:
         harness.engine.abort(request.request_id)
     stats = harness.engine.stats()
-    assert stats.extra["used_slots"] == 0 and stats.cache_used_tokens == 0 and stats.num_running == 0
+    assert stats.cache_used_blocks == 0 and stats.cache_usage == 0.0 and stats.num_running == 0
     assert not harness.engine.scheduler.has_work
 
 
@@ -267,7 +273,7 @@ def test_a_failing_request_leaves_the_others_running(harness: Harness) -> None:
     assert (
         last.finished and isinstance(last.error, RequestFailedError) and "injected" not in last.error.message
     )
-    assert harness.engine.stats().extra["used_slots"] == 0
+    assert harness.engine.stats().cache_used_blocks == 0
 
 
 def test_chunked_prefill_matches(tmp_path) -> None:
@@ -320,51 +326,18 @@ def test_serves_a_quantized_model(tmp_path) -> None:
     requests = [quant.add(f"q{i}", chat, params) for i, chat in enumerate(CHATS.values())]
     quant.run()
     assert all(len(r.seqs[0].output_ids) == 8 for r in requests)
-    assert quant.engine.stats().extra["used_slots"] == 0
+    assert quant.engine.stats().cache_used_blocks == 0
 
 
-def test_a_kv_cache_with_few_slots_is_announced(tiny_checkpoints, caplog) -> None:
-    path = tiny_checkpoints[("qwen2", "original")]
-    per_token = Harness(path, max_num_seqs=1).engine.cache.total_bytes / 4096  # one slot of 4096 tokens
-    with caplog.at_level("WARNING", logger="model_runtime.engine.engine"):
-        few = Harness(path, kv_cache_memory_gib=3 * per_token * 4096 / 2**30)
-    assert few.engine.cache.num_slots == 3
-    assert "holds only 3 sequences of 4096 tokens" in caplog.text and "--max-model-len" in caplog.text
-    caplog.clear()
-    with caplog.at_level("WARNING", logger="model_runtime.engine.engine"):
-        Harness(path, kv_cache_memory_gib=3 * per_token * 4096 / 2**30, max_num_seqs=3)  # all it may run
-    assert "holds only" not in caplog.text
-
-
-def test_default_context_leaves_room_for_sixteen_sequences() -> None:
-    from model_runtime.engine.kv_cache import CacheShape, default_capacity
-
-    shape = CacheShape(num_layers=8, num_kv_heads=8, head_dim=64, capacity=32768)  # 32 KiB a token (fp32)
-    per_token = shape.bytes_per_token(torch.float32)
-    choose = lambda budget, **kw: default_capacity(shape, torch.float32, budget, **kw)  # noqa: E731
-    # Room for 16 at the model's own length: kept.
-    assert choose(16 * 32768 * per_token, want_slots=16, min_len=8192) == 32768
-    # 2 GiB: 16 sequences fit at 4096 tokens, but never below min_len.
-    assert choose(2 * 2**30, want_slots=16, min_len=8192) == 8192
-    assert choose(2 * 2**30, want_slots=16, min_len=1024) == 4096
-    # In multiples of 1024, never above the model's own.
-    assert choose(16 * 5000 * per_token, want_slots=16, min_len=1024) == 4096
-    assert choose(10**15, want_slots=16, min_len=65536) == 32768
-
-
-def test_an_unset_max_model_len_is_chosen_for_concurrency(tiny_checkpoints, caplog) -> None:
-    from model_runtime.engine.worker import Worker
-
+def test_max_model_len_is_cut_to_what_the_kv_cache_holds(tiny_checkpoints, caplog) -> None:
     path = tiny_checkpoints[("qwen2", "original")]  # the model allows 32768 tokens
-    probe = Harness(path, max_model_len=32768, max_num_seqs=1)
-    per_token = probe.engine.cache.total_bytes // 32768
-    budget = 16 * 10_000 * per_token / 2**30  # 16 sequences of 10,000 tokens
+    probe = Harness(path, max_num_seqs=1)
+    per_token = probe.pool_bytes_per_token
+    budget = 3000 * per_token / 2**30  # room for 3000 tokens
     with caplog.at_level("INFO", logger="model_runtime.engine.engine"):
-        worker = Worker(probe.loaded, EngineConfig(model=str(path), kv_cache_memory_gib=budget))
-    assert worker.engine.cache.shape.capacity == 9216  # 9 x 1024
-    assert worker.engine.cache.num_slots == 17  # 160,000 tokens // 9216
-    assert worker.info.max_model_len == worker.engine.scheduler.max_model_len == 9216
-    assert "max_model_len 9216 (the model allows 32768" in caplog.text
-    # Chosen by the user: kept, however few sequences fit.
-    chosen = Harness(path, max_model_len=32768, kv_cache_memory_gib=budget)
-    assert chosen.engine.cache.shape.capacity == 32768 and chosen.engine.cache.num_slots == 4
+        small = Harness(path, max_model_len=None, kv_cache_memory_gib=budget)
+    holds = small.engine.kv.capacity_tokens
+    assert small.engine.scheduler.max_model_len == small.loaded.max_model_len < holds <= 3000
+    assert f"max_model_len {small.loaded.max_model_len} (the model allows 32768" in caplog.text
+    with pytest.raises(ValueError, match="does not fit in the KV cache"):
+        Harness(path, max_model_len=4096, kv_cache_memory_gib=budget)

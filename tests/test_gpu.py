@@ -38,4 +38,4 @@ def test_batched_requests_finish_and_free_the_cache(gpu_harness: Harness) -> Non
     requests = [gpu_harness.add(f"gpu-b{i}", chat, params) for i, chat in enumerate(list(CHATS.values()) * 4)]
     gpu_harness.run()
     assert all(len(r.seqs[0].output_ids) == 16 for r in requests)
-    assert gpu_harness.engine.stats().extra["used_slots"] == 0
+    assert gpu_harness.engine.stats().cache_used_blocks == 0

@@ -1,9 +1,10 @@
-"""The scheduler without torch: admission, token budgets, chunked prefill, slots and their moves.
+"""The scheduler without torch: budgets, admission by blocks, preemption, forks, images, prefix reuse.
 
-A fake KV cache (one list of token labels per slot) stands in for the runner's tensors: prefill and
-decode write labels where the runner would write keys and values, and every `SlotMove` the
-scheduler returns is applied to it, so a wrong move shows up as a sequence whose cache holds
-someone else's tokens.
+A fake engine stands in for the runner: it writes a label (position, token, image key) into a fake
+block pool for every token a chunk computes, and checks that every chunk's context (its sequence's
+blocks, positions 0..end) holds exactly that sequence's labels. A wrong block table, a missed
+copy-on-write, a shared block that diverged or a prefix reused across different images shows up as
+a sequence reading someone else's tokens.
 """
 
 from __future__ import annotations
@@ -14,478 +15,378 @@ from collections.abc import Callable
 import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from model_runtime.engine.scheduler import PrefillChunk, Scheduler, SlotMove, StepPlan
-from model_runtime.engine.sequence import Request, Sequence, Status
+from model_runtime.engine.block_manager import KVCacheManager
+from model_runtime.engine.scheduler import Scheduler, StepCostModel, StepPlan
+from model_runtime.engine.sequence import ImageSlot, Request, Sequence, Status
 from model_runtime.errors import InvalidRequestError, PromptTooLongError, QueueFullError
 from model_runtime.sampling_params import SamplingParams
 
 _ids = itertools.count()
-RARELY = st.sampled_from([False] * 7 + [True])  # shrinks towards False
+VOCAB = 50
+IMAGE_TOKEN = 99
 
 
-def make_request(prompt_len: int, *, n: int = 1, max_tokens: int = 8) -> Request:
-    rid = f"req-{next(_ids)}"
+def make_request(
+    prompt: list[int] | int,
+    *,
+    n: int = 1,
+    max_tokens: int = 8,
+    images: list[tuple[str, int, int, int]] = (),  # (key, start, tiles, tokens per tile)
+) -> Request:
+    ids = list(range(prompt)) if isinstance(prompt, int) else list(prompt)
+    slots = []
+    for key, start, tiles, per_tile in images:
+        ids[start : start + tiles * per_tile] = [IMAGE_TOKEN] * (tiles * per_tile)
+        slots.append(
+            ImageSlot(key=key, num_tiles=tiles, pixel_values=None, start=start, num_tokens=tiles * per_tile)
+        )
     params = SamplingParams(n=n, max_tokens=max_tokens, temperature=0.0)
-    return Request(request_id=rid, prompt_ids=[7] * prompt_len, params=params, max_tokens=max_tokens)
+    return Request(f"req-{next(_ids)}", ids, params, max_tokens=max_tokens, images=slots)
+
+
+class FixedCost(StepCostModel):
+    """A cost model with known costs: per step `base`, per token `token_s`, per tile `tile_s`."""
+
+    def __init__(self, target_s: float, *, max_tokens: int = 10_000, max_tiles: int = 100, **costs: float):
+        super().__init__(target_s, max_tokens=max_tokens, max_tiles=max_tiles, min_tokens=4)
+        self.base, self.token_s, self.tile = costs.get("base", 0.0), costs.get("token_s", 0.001), costs.get("tile_s", 0.01)
+
+    def lm_seconds(self, tokens: int) -> float:
+        return self.base + self.token_s * tokens
+
+    @property
+    def tile_seconds(self) -> float:
+        return self.tile
 
 
 def make_scheduler(
-    *, num_slots: int = 4, max_num_batched_tokens: int = 64, max_model_len: int = 128, max_waiting: int = 16
+    *,
+    blocks: int = 65,
+    block_size: int = 4,
+    max_num_seqs: int = 16,
+    max_num_batched_tokens: int = 64,
+    max_model_len: int = 128,
+    max_waiting: int = 64,
+    target_s: float = 1e9,
+    prefix_caching: bool = True,
+    reserve: int = 1,
 ) -> Scheduler:
+    kv = KVCacheManager(blocks, block_size, prefix_caching=prefix_caching)
     return Scheduler(
-        num_slots=num_slots,
+        kv,
+        FixedCost(target_s),
+        max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens,
         max_model_len=max_model_len,
         max_waiting=max_waiting,
+        reserve_blocks=reserve,
     )
 
 
-def spans(plan: StepPlan) -> list[tuple[str, int, int]]:
-    return [(c.request.request_id, c.start, c.end) for c in plan.prefills]
-
-
-def plan_tokens(plan: StepPlan) -> int:
-    return len(plan.decodes) + sum(c.end - c.start for c in plan.prefills)
-
-
-def check_slots(sched: Scheduler) -> None:
-    """Decoders fill slots 0..D-1; each prefilling request's n slots follow, in admission order."""
-    assert [s.slot for s in sched.decoding] == list(range(len(sched.decoding)))
-    assert all(s.status is Status.DECODING for s in sched.decoding)
-    base = len(sched.decoding)
-    for request in sched.prefilling:
-        assert request.base_slot == base
-        base += request.n
-    assert sched.used_slots == base <= sched.num_slots
+def label(seq: Sequence, position: int) -> tuple:
+    request = seq.request
+    image = next((im.key for im in request.images if im.start <= position < im.end), None)
+    return (position, seq.tokens(position, position + 1)[0], image)
 
 
 class FakeEngine:
-    """Drives a Scheduler as the engine does, writing token labels into a fake slot cache."""
+    """Drives a Scheduler as the engine does, with labels standing in for keys and values."""
 
-    def __init__(self, sched: Scheduler) -> None:
+    def __init__(self, sched: Scheduler, sample: Callable[[Sequence], int] | None = None) -> None:
         self.sched = sched
-        self.cache: list[list[object]] = [[None] * sched.max_model_len for _ in range(sched.num_slots)]
+        size = sched.kv.block_size
+        self.cache: list[list[tuple | None]] = [[None] * size for _ in range(sched.kv.pool.num_blocks)]
+        self.sample = sample or (lambda seq: (7 * seq.index + 3 * seq.num_tokens) % VOCAB)
+        self.finished: list[Request] = []
+        self.peak_running = 0
 
-    def apply(self, moves: list[SlotMove]) -> None:
-        for src, dst, tokens in moves:
-            assert 0 <= src < self.sched.num_slots and 0 <= dst < self.sched.num_slots
-            if src != dst and tokens > 0:
-                self.cache[dst][:tokens] = self.cache[src][:tokens]
-
-    def check(self) -> None:
-        """The invariants hold at every point of a step, not only between steps."""
-        check_slots(self.sched)
-        self.check_cache()
-
-    def prefill(self, chunk: PrefillChunk) -> None:
-        request = chunk.request
-        assert chunk.start == request.num_computed < chunk.end <= request.prompt_len
-        row = self.cache[request.base_slot]
-        for pos in range(chunk.start, chunk.end):
-            row[pos] = (request.request_id, pos)
-        if chunk.completes:  # the runner forks the prompt into the sibling slots
-            for sibling in range(1, request.n):
-                self.apply([(request.base_slot, request.base_slot + sibling, request.prompt_len)])
-        self.sched.prefilled(chunk)
-        self.check()
-
-    def decode(self, seqs: list[Sequence]) -> None:
-        for row, seq in enumerate(seqs):
-            assert seq.slot == row, "the decode batch is slots 0..B-1"
-            pos = seq.num_tokens - 1
-            self.cache[row][pos] = (seq.request.request_id, seq.index, pos)
-
-    def finish(self, seq: Sequence, reason: str = "stop") -> None:
-        self.apply(self.sched.finish(seq, reason))
-        self.check()
-
-    def abort(self, request: Request, reason: str = "abort") -> None:
-        self.apply(self.sched.abort(request, reason))
-        self.check()
-
-    def step(
-        self,
-        stop_early: Callable[[Sequence], bool] = lambda seq: False,
-        fail_prefill: Callable[[Request], bool] = lambda request: False,
-    ) -> StepPlan:
-        """schedule -> prefill chunks -> decode, as `Engine.step`.
-
-        A sequence finishes at max_tokens or when `stop_early` says so; a prefill for which
-        `fail_prefill` is true fails its request (aborted mid-step, as the engine isolates it).
-        """
-        plan = self.sched.schedule()
-        assert plan.decodes == self.sched.decoding
-        for chunk in plan.prefills:
-            if chunk.request.finished:
+    def step(self, stop: Callable[[Sequence], bool] = lambda seq: False) -> StepPlan:
+        sched, size = self.sched, self.sched.kv.block_size
+        plan = sched.schedule()
+        for src, dst in plan.copies:
+            self.cache[dst] = list(self.cache[src])
+        for task in plan.vision:
+            assert task.start == task.image.tiles_ready, "tiles are encoded in order"
+            task.image.tiles_ready = task.end
+        for chunk in plan.chunks:
+            seq = chunk.seq
+            assert seq.status is Status.RUNNING and chunk.start == seq.num_computed < chunk.end <= seq.num_tokens
+            for image in seq.request.images:  # image tokens are computed only once encoded
+                overlap_end = min(chunk.end, image.end)
+                assert overlap_end <= image.ready_end or chunk.end <= image.start or chunk.start >= image.end
+            for p in range(chunk.start, chunk.end):
+                self.cache[seq.block_table[p // size]][p % size] = label(seq, p)
+        for chunk in plan.chunks:  # after every write of the step, as attention reads them
+            seq = chunk.seq
+            context = [self.cache[seq.block_table[p // size]][p % size] for p in range(chunk.end)]
+            assert context == [label(seq, p) for p in range(chunk.end)], f"{seq.request.request_id} reads wrong KV"
+        sched.computed(plan.chunks)
+        for chunk in plan.chunks:
+            if not chunk.samples or chunk.seq.finished:
                 continue
-            if fail_prefill(chunk.request):
-                self.abort(chunk.request, "error")
-                continue
-            self.prefill(chunk)
-            if chunk.completes:
-                self.append_tokens(list(chunk.request.seqs), stop_early)
-        self.decode(plan.decodes)
-        self.append_tokens(plan.decodes, stop_early)
+            seq, request = chunk.seq, chunk.seq.request
+            if request.n > 1 and seq.index == 0 and not seq.output_ids:
+                sched.fork(request)
+                choices = [s for s in request.seqs if not s.finished]
+            else:
+                choices = [seq]
+            for choice in choices:
+                choice.output_ids.append(self.sample(choice))
+                if len(choice.output_ids) >= request.max_tokens or stop(choice):
+                    sched.finish(choice, "length")
+            if request.finished:
+                self.finished.append(request)
+        self.peak_running = max(self.peak_running, sched.num_running)
+        self.check()
         return plan
 
-    def append_tokens(self, seqs: list[Sequence], stop_early: Callable[[Sequence], bool]) -> None:
-        for seq in seqs:
-            assert not seq.finished
-            seq.output_ids.append(1)
-            if len(seq.output_ids) >= seq.request.max_tokens:
-                self.finish(seq, "length")
-            elif stop_early(seq):
-                self.finish(seq, "stop")
+    def check(self) -> None:
+        """Block references equal table entries; nothing leaks, nothing is shared that diverged."""
+        kv = self.sched.kv
+        holders = [0] * kv.pool.num_blocks
+        for request in self.sched.running:
+            for seq in request.seqs:
+                if seq.status is Status.RUNNING:
+                    for block in seq.block_table:
+                        holders[block] += 1
+                    assert len(seq.block_table) * kv.block_size >= seq.num_computed
+        for request in self.sched.waiting:
+            assert all(not s.block_table for s in request.seqs)
+        assert holders == kv.pool.refs, "block references do not match the tables"
 
-    def check_cache(self) -> None:
-        """Every live sequence's cache rows hold its own tokens, wherever it has been moved."""
-        for seq in self.sched.decoding:
-            rid = seq.request.request_id
-            written = seq.num_tokens - 1  # the newest token's keys are written by the next decode
-            expected = [
-                (rid, p) if p < seq.request.prompt_len else (rid, seq.index, p) for p in range(written)
-            ]
-            assert self.cache[seq.slot][:written] == expected
-        for request in self.sched.prefilling:
-            expected = [(request.request_id, p) for p in range(request.num_computed)]
-            assert self.cache[request.base_slot][: request.num_computed] == expected
-
-
-# -- admission -------------------------------------------------------------------------------------
+    def run(self, max_steps: int = 5000, **kwargs) -> None:
+        for _ in range(max_steps):
+            if not self.sched.has_work:
+                return
+            self.step(**kwargs)
+        raise AssertionError("the scheduler did not drain")
 
 
-def test_admission_is_fifo_within_the_token_budget() -> None:
-    sched = make_scheduler(num_slots=8, max_num_batched_tokens=100)
-    a, b, c, d, e = (make_request(n) for n in (10, 20, 30, 50, 5))
-    for request in (a, b, c, d, e):
-        sched.add(request)
-    plan = sched.schedule()
-    # d gets the 40 tokens left and is cut; nobody is admitted behind a partial prefill.
-    assert spans(plan) == [
-        (a.request_id, 0, 10),
-        (b.request_id, 0, 20),
-        (c.request_id, 0, 30),
-        (d.request_id, 0, 40),
-    ]
-    assert [r.base_slot for r in (a, b, c, d)] == [0, 1, 2, 3]
-    assert list(sched.waiting) == [e]
-    assert all(s.status is Status.PREFILLING for r in (a, b, c, d) for s in r.seqs)
-    assert e.seqs[0].status is Status.WAITING
-    check_slots(sched)
+# -- admission and budgets --------------------------------------------------------------------------
 
 
-def test_admission_is_fifo_within_the_slot_budget() -> None:
-    sched = make_scheduler(num_slots=3)
-    a, b, c = make_request(4, n=2), make_request(4, n=2), make_request(4, n=1)
-    for request in (a, b, c):
-        sched.add(request)
+def test_decodes_run_every_step_while_a_long_prompt_prefills_in_chunks() -> None:
+    sched = make_scheduler(max_num_batched_tokens=16, max_model_len=512, blocks=200)
     engine = FakeEngine(sched)
-    plan = engine.step()
-    # b needs 2 slots and 1 is free; c fits but must not overtake b.
-    assert spans(plan) == [(a.request_id, 0, 4)]
-    assert list(sched.waiting) == [b, c]
-    assert sched.used_slots == 2
-    for seq in list(a.seqs):
-        engine.finish(seq)
-    plan = engine.step()
-    assert spans(plan) == [(b.request_id, 0, 4), (c.request_id, 0, 4)]
-    assert sched.used_slots == 3
-    check_slots(sched)
-    engine.check_cache()
-
-
-def test_new_requests_join_running_decoders() -> None:
-    sched = make_scheduler(num_slots=4, max_num_batched_tokens=32)
-    engine = FakeEngine(sched)
-    a = make_request(5, max_tokens=10)
-    sched.add(a)
+    short = make_request(6, max_tokens=40)
+    sched.add(short)
     engine.step()
-    b = make_request(6, max_tokens=10)
-    sched.add(b)
-    plan = engine.step()
-    assert plan.decodes == [a.seqs[0]]
-    assert spans(plan) == [(b.request_id, 0, 6)]
-    assert [s.request for s in sched.decoding] == [a, b]
-    check_slots(sched)
-    engine.check_cache()
-
-
-# -- chunked prefill and the token budget ----------------------------------------------------------
-
-
-def test_long_prompt_is_prefilled_in_chunks_while_others_decode() -> None:
-    sched = make_scheduler(num_slots=4, max_num_batched_tokens=16, max_model_len=128)
-    engine = FakeEngine(sched)
-    short = [make_request(3, max_tokens=50), make_request(4, max_tokens=50)]
-    for request in short:
-        sched.add(request)
-    engine.step()
-    assert len(sched.decoding) == 2
-    long = make_request(40, max_tokens=4)
-    later = make_request(2, max_tokens=4)
+    long = make_request(100, max_tokens=4)
     sched.add(long)
-    sched.add(later)
-
-    chunks = []
-    while long.num_computed < long.prompt_len:
+    seen = []
+    while not long.seqs[0].output_ids:
         plan = engine.step()
-        assert plan.decodes[:2] == [r.seqs[0] for r in short], "decoders keep decoding during the prefill"
-        assert plan_tokens(plan) <= sched.max_num_batched_tokens
-        chunks += [(c.start, c.end) for c in plan.prefills if c.request is long]
-        if long.num_computed < long.prompt_len:
-            assert later in sched.waiting, "nothing is admitted behind a partial prefill"
-        check_slots(sched)
-        engine.check_cache()
-    assert chunks == [(0, 14), (14, 28), (28, 40)]
-    assert long.seqs[0].status is Status.DECODING
-    assert long.seqs[0].slot == 2
+        decoding = [c for c in plan.chunks if c.seq is short.seqs[0]]
+        assert len(decoding) == 1 and decoding[0].end - decoding[0].start == 1
+        assert plan.num_tokens <= 16
+        seen.append(plan.num_tokens)
+    assert len(seen) >= 100 // 15
 
 
-def test_decodes_and_prefill_tokens_fill_the_budget_exactly() -> None:
-    sched = make_scheduler(num_slots=8, max_num_batched_tokens=10)
+def test_sixteen_short_chats_share_a_small_cache() -> None:
+    """The issue's case: a cache worth 2,048 tokens, 16 chats of ~100 prompt + 96 output tokens."""
+    sched = make_scheduler(blocks=2048 // 16 + 1, block_size=16, max_num_batched_tokens=2048, max_model_len=2048)
     engine = FakeEngine(sched)
-    for _ in range(3):
-        sched.add(make_request(1, max_tokens=100))
-    engine.step()
-    big = make_request(30)
+    for i in range(16):
+        sched.add(make_request([i % VOCAB] + list(range(99)), max_tokens=96))
+    engine.run()
+    assert len(engine.finished) == 16 and engine.peak_running >= 12
+    assert sched.kv.pool.num_used == 0
+
+
+def test_admission_waits_for_blocks_first_come_first_served() -> None:
+    sched = make_scheduler(blocks=11, block_size=4, max_model_len=40, reserve=0)  # 10 usable blocks
+    engine = FakeEngine(sched)
+    big = make_request(30, max_tokens=2)  # 8 blocks
     sched.add(big)
-    plan = engine.step()
-    assert len(plan.decodes) == 3
-    assert spans(plan) == [(big.request_id, 0, 7)]
-    assert plan_tokens(plan) == 10
+    engine.step()
+    second = make_request([40 + i for i in range(12)], max_tokens=2)  # 3 blocks: must wait for the first
+    third = make_request([60, 61, 62, 63], max_tokens=2)  # would fit, but first come first served
+    sched.add(second)
+    sched.add(third)
+    engine.step()
+    assert sched.waiting[0] is second and third in sched.waiting
+    engine.run()
+    assert [r.request_id for r in engine.finished] == [big.request_id, second.request_id, third.request_id]
 
 
-def test_budget_must_cover_one_decode_per_slot() -> None:
-    with pytest.raises(ValueError, match="max_num_batched_tokens"):
-        make_scheduler(num_slots=8, max_num_batched_tokens=4)
-
-
-# -- n > 1 -----------------------------------------------------------------------------------------
-
-
-def test_n_reserves_n_slots_and_forks_the_prompt() -> None:
-    sched = make_scheduler(num_slots=4)
+def test_step_time_budget_limits_prefill_and_tiles_only_while_decoding() -> None:
+    sched = make_scheduler(max_num_batched_tokens=1000, max_model_len=512, blocks=400, target_s=0.1)
+    sched.cost = FixedCost(0.1, base=0.01, token_s=0.001, tile_s=0.02)
     engine = FakeEngine(sched)
-    a = make_request(6, n=3)
-    b = make_request(6, n=2)
-    sched.add(a)
-    sched.add(b)
+    alone = make_request(300, max_tokens=50)
+    sched.add(alone)
     plan = engine.step()
-    assert spans(plan) == [(a.request_id, 0, 6)]
-    assert sched.used_slots == 3
-    assert [s.slot for s in a.seqs] == [0, 1, 2]
-    assert list(sched.waiting) == [b]
-    engine.check_cache()
-    engine.finish(a.seqs[0])
+    assert plan.num_tokens == 300  # nothing decoding: no time limit
+    sched.add(make_request(300, max_tokens=4, images=[("img", 10, 10, 4)]))
     plan = engine.step()
-    assert spans(plan) == [(b.request_id, 0, 6)]
-    assert sched.used_slots == 4
-    check_slots(sched)
-    engine.check_cache()
+    # 0.1 s - (0.01 + 1 decode * 0.001): 4 tiles (0.08 s), then what is left buys prefill tokens.
+    assert plan.num_tiles == 4
+    prefill = plan.num_tokens - 1
+    assert 4 <= prefill <= 10
+    assert sched.cost.lm_seconds(plan.num_tokens) + plan.num_tiles * 0.02 <= 0.1 + 4 * 0.001
 
 
-def test_n_larger_than_the_slots_is_refused() -> None:
-    sched = make_scheduler(num_slots=4)
-    with pytest.raises(InvalidRequestError) as info:  # retrying can never succeed: a 400, not a 503
-        sched.add(make_request(3, n=5))
-    assert info.value.param == "n"
-    assert not sched.has_work
-
-
-# -- refusals --------------------------------------------------------------------------------------
-
-
-def test_queue_full() -> None:
-    sched = make_scheduler(num_slots=1, max_waiting=2)
-    sched.add(make_request(3))
-    sched.add(make_request(3))
+def test_queue_full_too_long_and_too_many_choices_are_refused() -> None:
+    sched = make_scheduler(max_waiting=1, max_model_len=64, max_num_seqs=4)
+    sched.add(make_request(4))
     with pytest.raises(QueueFullError):
-        sched.add(make_request(3))
-    assert sched.num_waiting == 2
-    sched.schedule()  # one leaves the queue for a slot
-    sched.add(make_request(3))
-    assert sched.num_waiting == 2
+        sched.add(make_request(4))
+    with pytest.raises(InvalidRequestError):
+        make_scheduler(max_num_seqs=2).add(make_request(4, n=3))
+    with pytest.raises(PromptTooLongError, match="max_model_len 64"):
+        sched.check_fits(60, 8)
+    assert sched.check_fits(60, None) == 4
 
 
-def test_check_fits() -> None:
-    sched = make_scheduler(max_model_len=100)
-    assert sched.check_fits(90, 10) == 10
-    assert sched.check_fits(90, None) == 10
-    with pytest.raises(PromptTooLongError) as info:
-        sched.check_fits(90, 20)
-    assert "90" in info.value.message and "20" in info.value.message and "100" in info.value.message
-    with pytest.raises(PromptTooLongError) as info:
-        sched.check_fits(100, None)
-    assert "100 tokens" in info.value.message and "max_model_len 100" in info.value.message
-    with pytest.raises(PromptTooLongError) as info:
-        sched.check_fits(120, 1, image_tokens=80)
-    assert "120" in info.value.message and "80" in info.value.message and "100" in info.value.message
+# -- memory: preemption, forks, prefix reuse --------------------------------------------------------
 
 
-# -- abort and finish free everything --------------------------------------------------------------
-
-
-def test_abort_wherever_a_request_is_frees_its_slots() -> None:
-    sched = make_scheduler(num_slots=4, max_num_batched_tokens=16)
+def test_running_out_of_blocks_preempts_the_newest_and_recomputes_it() -> None:
+    sched = make_scheduler(blocks=9, block_size=4, max_model_len=32, reserve=0)  # 8 usable blocks
     engine = FakeEngine(sched)
-    decoding = make_request(4, n=2, max_tokens=50)
-    prefilling = make_request(40, max_tokens=5)
-    waiting = make_request(3)
-    for request in (decoding, prefilling, waiting):
+    requests = [make_request([i] + [1, 2, 3], max_tokens=10) for i in range(3)]  # 4 + 10 tokens: 4 blocks
+    for request in requests:
         sched.add(request)
-    engine.step()
-    engine.step()
-    assert [s.status for s in decoding.seqs] == [Status.DECODING] * 2
-    assert prefilling.seqs[0].status is Status.PREFILLING and 0 < prefilling.num_computed < 40
-    assert waiting.seqs[0].status is Status.WAITING
-    assert sched.used_slots == 3 and sched.used_tokens() > 0
-
-    engine.abort(waiting)
-    assert sched.num_waiting == 0
-    engine.abort(decoding)  # the mid-prefill prompt moves down to slot 0
-    assert prefilling.base_slot == 0
-    check_slots(sched)
-    engine.check_cache()
-    engine.abort(prefilling)
-    for request in (decoding, prefilling, waiting):
-        assert request.finished
-        assert all(s.finish_reason == "abort" and s.slot == -1 for s in request.seqs)
-    assert sched.used_slots == 0
-    assert sched.used_tokens() == 0
-    assert not sched.has_work
-    assert sched.schedule().empty
+    engine.run()
+    assert len(engine.finished) == 3 and sched.num_preemptions >= 1
+    assert requests[-1].num_preemptions >= 1 and requests[0].num_preemptions == 0
+    for request in requests:  # what was generated before the preemption was kept, not redone
+        assert len(request.seqs[0].output_ids) == 10
+    assert sched.kv.pool.num_used == 0
 
 
-def test_finishing_the_last_decoder_moves_nothing_and_a_middle_one_moves_the_last() -> None:
-    sched = make_scheduler(num_slots=4)
+def test_n_choices_share_the_prompt_and_copy_only_the_partial_block() -> None:
+    sched = make_scheduler(blocks=64, block_size=4)
     engine = FakeEngine(sched)
-    a, b, c = (make_request(3 + i, max_tokens=9) for i in range(3))
-    for request in (a, b, c):
-        sched.add(request)
-    engine.step()
-    engine.step()
-    assert sched.finish(c.seqs[0], "stop") == []
-    moves = sched.finish(a.seqs[0], "stop")
-    assert moves == [(1, 0, b.seqs[0].num_tokens)]
-    assert sched.decoding == [b.seqs[0]] and b.seqs[0].slot == 0
-
-
-def test_a_finished_sequence_frees_its_slot_for_the_queue() -> None:
-    sched = make_scheduler(num_slots=1)
-    engine = FakeEngine(sched)
-    a, b = make_request(3, max_tokens=2), make_request(3, max_tokens=2)
-    sched.add(a)
-    sched.add(b)
-    engine.step()  # a prefilled, first token
-    assert list(sched.waiting) == [b]
-    engine.step()  # a decodes its second token and finishes
-    assert a.finished and a.seqs[0].finish_reason == "length"
+    request = make_request(10, n=3, max_tokens=6)  # blocks [0-3] [4-7] full, [8-9] partial
+    sched.add(request)
     plan = engine.step()
-    assert spans(plan) == [(b.request_id, 0, 3)]
+    assert [c.seq.index for c in plan.chunks] == [0]  # only the first choice prefills
+    first, second, third = request.seqs
+    assert second.block_table[:2] == first.block_table[:2] == third.block_table[:2]
+    plan = engine.step()
+    assert len(plan.copies) == 2  # two of the three take their own copy of the partial block
+    assert sched.kv.pool.refs[first.block_table[0]] == 3
+    engine.run()
+    assert len({tuple(s.output_ids) for s in request.seqs}) == 3  # they diverged, each reading its own KV
+
+
+def test_a_repeated_prompt_reuses_the_cached_prefix() -> None:
+    sched = make_scheduler(blocks=64, block_size=4)
+    engine = FakeEngine(sched)
+    first = make_request(list(range(21)), max_tokens=3)
+    sched.add(first)
+    engine.run()
+    again = make_request(list(range(21)) + [5, 6], max_tokens=3)  # turn 2: same prefix, more tokens
+    sched.add(again)
+    plan = engine.step()
+    assert again.num_cached_tokens == 20 and plan.chunks[0].start == 20
+    engine.run()
+    off = make_scheduler(blocks=64, block_size=4, prefix_caching=False)
+    engine = FakeEngine(off)
+    for _ in range(2):
+        request = make_request(list(range(21)), max_tokens=3)
+        off.add(request)
+        engine.run()
+        assert request.num_cached_tokens == 0
+
+
+def test_images_encode_in_order_within_the_tile_budget_and_gate_the_prefill() -> None:
+    sched = make_scheduler(blocks=200, max_num_batched_tokens=500, max_model_len=512)
+    sched.cost = FixedCost(0.1, max_tiles=3)
+    engine = FakeEngine(sched)
+    request = make_request(200, max_tokens=2, images=[("a", 5, 4, 10), ("b", 60, 2, 10)])
+    sched.add(request)
+    plans = []
+    while not request.finished:
+        plans.append(engine.step())
+    tiles = [[(t.image.key, t.start, t.end) for t in p.vision] for p in plans]
+    assert tiles[:2] == [[("a", 0, 3)], [("a", 3, 4), ("b", 0, 2)]]
+    assert plans[0].chunks[0].end == 5 + 30  # up to the first tile not yet encoded
+
+
+def test_two_different_images_share_no_blocks_but_the_same_image_does() -> None:
+    sched = make_scheduler(blocks=200, block_size=4)
+    engine = FakeEngine(sched)
+    cat = make_request(40, max_tokens=2, images=[("cat", 8, 2, 8)])
+    sched.add(cat)
+    engine.run()
+    dog = make_request(40, max_tokens=2, images=[("dog", 8, 2, 8)])
+    sched.add(dog)
+    engine.run()
+    assert dog.num_cached_tokens == 8  # the text before the image
+    cat_again = make_request(40, max_tokens=2, images=[("cat", 8, 2, 8)])
+    sched.add(cat_again)
+    engine.run()
+    assert cat_again.num_cached_tokens == 36
+
+
+def test_abort_frees_everything_wherever_the_request_is() -> None:
+    sched = make_scheduler()
+    engine = FakeEngine(sched)
+    running, waiting = make_request(20, max_tokens=50), make_request(20, max_tokens=50)
+    sched.add(running)
     engine.step()
-    assert b.finished
-    assert sched.used_slots == 0 and sched.used_tokens() == 0 and not sched.has_work
+    sched.add(waiting)
+    sched.abort(running)
+    sched.abort(waiting)
+    assert not sched.has_work and sched.kv.pool.num_used == 0
+    assert all(s.finished for s in running.seqs + waiting.seqs)
 
 
-# -- randomized: what the engine does, in any order -------------------------------------------------
+# -- property-based ---------------------------------------------------------------------------------
 
 
 class SchedulerMachine(RuleBasedStateMachine):
-    """Random adds, steps, finishes and aborts; slots stay contiguous and each cache row its owner's."""
+    """Random arrivals (shared prefixes, images, n > 1), stops, aborts and steps in a small pool."""
 
-    @initialize(
-        num_slots=st.integers(1, 6),
-        extra_budget=st.integers(0, 10),
-        max_model_len=st.integers(16, 64),
-        max_waiting=st.integers(1, 6),
-    )
-    def setup(self, num_slots: int, extra_budget: int, max_model_len: int, max_waiting: int) -> None:
-        self.sched = make_scheduler(
-            num_slots=num_slots,
-            max_num_batched_tokens=num_slots + extra_budget,
-            max_model_len=max_model_len,
-            max_waiting=max_waiting,
-        )
+    def __init__(self) -> None:
+        super().__init__()
+        self.sched = make_scheduler(blocks=25, block_size=4, max_model_len=60, max_num_batched_tokens=24)
+        self.stop_at: dict[int, int] = {}
         self.engine = FakeEngine(self.sched)
-        self.requests: list[Request] = []
 
-    def live(self) -> list[Request]:
-        return [r for r in self.requests if not r.finished]
-
-    @rule(data=st.data(), n=st.integers(1, 3))
-    def add(self, data: st.DataObject, n: int) -> None:
-        limit = self.sched.max_model_len
-        prompt_len = data.draw(st.integers(1, limit - 1), label="prompt_len")
-        max_tokens = data.draw(st.integers(1, limit - prompt_len), label="max_tokens")
-        assert self.sched.check_fits(prompt_len, max_tokens) == max_tokens
-        request = make_request(prompt_len, n=n, max_tokens=max_tokens)
-        if n > self.sched.num_slots:
-            with pytest.raises(InvalidRequestError):
-                self.sched.add(request)
-        elif self.sched.num_waiting >= self.sched.max_waiting:
-            with pytest.raises(QueueFullError):
-                self.sched.add(request)
-        else:
+    @rule(
+        base=st.integers(0, 2),
+        extra=st.integers(1, 20),
+        n=st.integers(1, 3),
+        max_tokens=st.integers(1, 12),
+        with_image=st.booleans(),
+        image_key=st.sampled_from(["x", "y"]),
+    )
+    def arrive(self, base: int, extra: int, n: int, max_tokens: int, with_image: bool, image_key: str) -> None:
+        prompt = [base] * 8 + list(range(extra))  # a few shared prefixes
+        images = [(image_key, 2, 2, 3)] if with_image else []
+        request = make_request(prompt, n=n, max_tokens=min(max_tokens, 60 - len(prompt)), images=images)
+        try:
             self.sched.add(request)
-            self.requests.append(request)
+        except QueueFullError:
+            pass
 
-    @rule(data=st.data(), times=st.integers(1, 4))
-    def step(self, data: st.DataObject, times: int) -> None:
-        for _ in range(times):
-            waiting_before = list(self.sched.waiting)
-            had_work = self.sched.has_work
-            plan = self.engine.step(
-                stop_early=lambda seq: data.draw(RARELY, label=f"stop {seq.request.request_id}"),
-                fail_prefill=lambda request: data.draw(RARELY, label=f"fail {request.request_id}"),
-            )
-            assert plan_tokens(plan) <= self.sched.max_num_batched_tokens
-            admitted = [c.request for c in plan.prefills if c.start == 0]
-            assert admitted == waiting_before[: len(admitted)], "admission is first come, first served"
-            assert not plan.empty or not had_work, "a step with work to do computes something"
-            self.engine.check()
-
-    @precondition(lambda self: bool(self.sched.decoding))
     @rule(data=st.data())
-    def finish_one(self, data: st.DataObject) -> None:
-        self.engine.finish(data.draw(st.sampled_from(self.sched.decoding)))
-
-    @precondition(lambda self: bool(self.live()))
-    @rule(data=st.data())
+    @precondition(lambda self: self.sched.running or self.sched.waiting)
     def abort(self, data: st.DataObject) -> None:
-        request = data.draw(st.sampled_from(self.live()))
-        self.engine.abort(request)
-        assert request.finished
-        assert all(s.slot == -1 for s in request.seqs)
+        pool = list(self.sched.running) + list(self.sched.waiting)
+        self.sched.abort(data.draw(st.sampled_from(pool)))
+
+    @rule(steps=st.integers(1, 6), stop_mod=st.integers(2, 9))
+    def step(self, steps: int, stop_mod: int) -> None:
+        for _ in range(steps):
+            if self.sched.has_work:
+                self.engine.step(stop=lambda seq: seq.output_ids[-1] % stop_mod == 0)
 
     @invariant()
-    def slots_are_contiguous(self) -> None:
+    def consistent(self) -> None:
         self.engine.check()
-
-    @invariant()
-    def accounting(self) -> None:
-        sched = self.sched
-        # Between steps every scheduled chunk has been computed: at most the newest admission is left,
-        # mid-prefill.
-        assert len(sched.prefilling) <= 1
-        assert all(0 < r.num_computed < r.prompt_len for r in sched.prefilling)
-        for request in self.live():
-            statuses = {s.status for s in request.seqs}
-            assert statuses in ({Status.WAITING}, {Status.PREFILLING}) or statuses <= {
-                Status.DECODING,
-                Status.FINISHED,
-            }
+        assert self.sched.kv.pool.num_used <= self.sched.kv.pool.num_usable
 
     def teardown(self) -> None:
-        if not hasattr(self, "sched"):
-            return
-        for request in self.live():
-            self.engine.abort(request)
-        assert self.sched.used_slots == 0
-        assert self.sched.used_tokens() == 0
-        assert not self.sched.has_work
+        self.engine.run()
+        assert self.sched.kv.pool.num_used == 0
 
 
 TestSchedulerMachine = SchedulerMachine.TestCase
-TestSchedulerMachine.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+TestSchedulerMachine.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)

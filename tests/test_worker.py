@@ -60,12 +60,12 @@ def test_closing_the_stream_aborts_and_frees(worker: Worker) -> None:
         for _ in range(100):
             await asyncio.sleep(0.02)
             stats = worker.stats()
-            if stats.num_running == 0 and stats.extra["used_slots"] == 0:
+            if stats.num_running == 0 and stats.cache_used_blocks == 0:
                 return stats
         return worker.stats()
 
     stats = asyncio.run(main())
-    assert stats.num_running == 0 and stats.num_waiting == 0 and stats.cache_used_tokens == 0
+    assert stats.num_running == 0 and stats.num_waiting == 0 and stats.cache_used_blocks == 0
 
 
 def test_errors_arrive_before_any_output(worker: Worker) -> None:

@@ -1,24 +1,26 @@
 """The engine: step() = schedule -> run -> postprocess, on the thread that owns the model.
 
-Failures are contained where they can be attributed: a request whose media encoding or prefill
-raises fails alone; a failed batched decode fails the sequences in that batch; a device error that
-leaves the device unusable (anything but out-of-memory on CUDA) marks the engine dead.
+Failures are contained where they can be attributed: a step's packed forward that raises is rerun
+one request at a time (rewriting the same keys and values is harmless), so only the request at
+fault fails; a vision batch that raises is retried per image. A device error that leaves the
+device unusable (anything but out-of-memory on CUDA) marks the engine dead.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
+import time
 from collections.abc import Callable
 
 import torch
 
 from model_runtime.config import EngineConfig
+from model_runtime.engine.block_manager import KVCacheManager
 from model_runtime.engine.detokenizer import IncrementalDetokenizer
-from model_runtime.engine.kv_cache import CacheShape, SlotKVCache, default_capacity, slots_for_budget
+from model_runtime.engine.kv_cache import CacheShape, KVPool, blocks_for_budget
 from model_runtime.engine.runner import ModelRunner
 from model_runtime.engine.sampler import make_generator
-from model_runtime.engine.scheduler import PrefillChunk, Scheduler, SlotMove
+from model_runtime.engine.scheduler import Chunk, Scheduler, StepCostModel, StepPlan
 from model_runtime.engine.sequence import Request, Sequence
 from model_runtime.engine.vision_cache import VisionFeatureCache
 from model_runtime.errors import RequestFailedError
@@ -29,15 +31,18 @@ log = logging.getLogger(__name__)
 
 CPU_DEFAULT_CACHE_GIB = 2.0
 GPU_CACHE_FRACTION = 0.85  # of the memory left free after the model is loaded
-FEW_SLOTS = 8  # fewer concurrent sequences than this (and than max_num_seqs) is worth a warning
-# When the user sets no max_model_len: room for this many sequences (or max_num_seqs if fewer), by
-# a shorter context than the model's if need be, but never shorter than DEFAULT_MIN_MODEL_LEN.
-DEFAULT_MIN_SLOTS = 16
-DEFAULT_MIN_MODEL_LEN = 8192
 # Tiles per vision-tower forward. On a CPU one tile at a time is fastest: its activations stay in
 # cache (the small benchmark model: 79 ms a tile alone, 89-93 ms in batches of 2-16).
 VISION_BATCH_TILES_CPU = 1
 VISION_BATCH_TILES_GPU = 64
+# Tiles a step may encode when no sequence is decoding (nothing waits on it but the images' own
+# requests, so the bound only keeps new arrivals from waiting behind a long vision step).
+MAX_STEP_TILES = {"cpu": 16, "cuda": 128}
+# How long a step with prefill or vision work may take while sequences are decoding, when the
+# setting leaves it to the device: a CPU step of one decode token for a few streams already takes
+# tens of milliseconds on the small benchmark model, a GPU one a few.
+STEP_TARGET_MS = {"cpu": 250.0, "cuda": 60.0}
+RESERVE_FRACTION = 0.01  # of the blocks kept free at admission, for decodes to grow into
 
 
 class FatalEngineError(RuntimeError):
@@ -60,23 +65,6 @@ def cache_budget_bytes(config: EngineConfig, device: torch.device) -> int:
     return int(CPU_DEFAULT_CACHE_GIB * 2**30)
 
 
-def serving_length(config: EngineConfig, shape: CacheShape, dtype: torch.dtype, budget: int) -> int:
-    """The max_model_len to serve: the user's, or kv_cache.default_capacity's choice (logged)."""
-    if config.max_model_len is not None:
-        return shape.capacity
-    want = min(config.max_num_seqs, DEFAULT_MIN_SLOTS)
-    capacity = default_capacity(shape, dtype, budget, want_slots=want, min_len=DEFAULT_MIN_MODEL_LEN)
-    if capacity < shape.capacity:
-        log.info(
-            "max_model_len %d (the model allows %d, but the KV cache would then hold only %d "
-            "sequences); set --max-model-len to choose",
-            capacity,
-            shape.capacity,
-            slots_for_budget(shape, dtype, budget, config.max_num_seqs),
-        )
-    return capacity
-
-
 class Engine:
     """Synchronous engine; the worker calls add/abort/step from its own thread."""
 
@@ -84,55 +72,73 @@ class Engine:
         self.config = config
         text = loaded.model.config.text_config
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        shape = CacheShape(text.num_hidden_layers, text.num_key_value_heads, head_dim, loaded.max_model_len)
-        budget = cache_budget_bytes(config, loaded.device)
-        capacity = serving_length(config, shape, loaded.dtype, budget)
-        if capacity != shape.capacity:
-            shape = dataclasses.replace(shape, capacity=capacity)
-            loaded = dataclasses.replace(loaded, max_model_len=capacity)
-        self.loaded = loaded  # with the max_model_len this engine serves
-        num_slots = slots_for_budget(shape, loaded.dtype, budget, config.max_num_seqs)
+        shape = CacheShape(text.num_hidden_layers, text.num_key_value_heads, head_dim)
+        size = config.block_size
+        num_blocks = blocks_for_budget(shape, loaded.dtype, cache_budget_bytes(config, loaded.device), size)
+        reserve = max(1, int(RESERVE_FRACTION * num_blocks))
+        fits = (num_blocks - 1 - reserve) * size  # the longest sequence the pool always holds
+        if fits < 2 * size:
+            raise ValueError(
+                f"the KV cache holds only {num_blocks} blocks of {size} tokens; raise --kv-cache-memory-gib"
+            )
+        if loaded.max_model_len > fits:
+            if config.max_model_len is not None:
+                raise ValueError(
+                    f"max_model_len {config.max_model_len} does not fit in the KV cache, which holds "
+                    f"{fits} tokens; lower --max-model-len or raise --kv-cache-memory-gib"
+                )
+            log.info("max_model_len %d (the model allows %d; the KV cache holds %d tokens)", fits, loaded.max_model_len, fits)
+            loaded.max_model_len = fits
+        self.loaded = loaded
         layers = loaded.model.model.language_model.layers
         devices = [next(layer.parameters()).device for layer in layers]
-        self.cache = SlotKVCache(shape, num_slots, loaded.dtype, devices)
+        self.pool = KVPool(shape, num_blocks, size, loaded.dtype, devices)
+        self.kv = KVCacheManager(num_blocks, size, prefix_caching=config.enable_prefix_caching)
         self.vision_cache = VisionFeatureCache(config.vision_cache_mib * 2**20)
-        vision_batch = VISION_BATCH_TILES_GPU if loaded.device.type == "cuda" else VISION_BATCH_TILES_CPU
-        self.runner = ModelRunner(loaded, self.cache, self.vision_cache, max_vision_batch_tiles=vision_batch)
+        kind = "cuda" if loaded.device.type == "cuda" else "cpu"
+        vision_batch = VISION_BATCH_TILES_GPU if kind == "cuda" else VISION_BATCH_TILES_CPU
+        self.runner = ModelRunner(loaded, self.pool, self.vision_cache, max_vision_batch_tiles=vision_batch)
+        target_ms = config.step_time_target_ms or STEP_TARGET_MS[kind]
+        self.cost = StepCostModel(
+            target_ms / 1000, max_tokens=config.max_num_batched_tokens, max_tiles=MAX_STEP_TILES[kind]
+        )
         self.scheduler = Scheduler(
-            num_slots=num_slots,
-            max_num_batched_tokens=max(config.max_num_batched_tokens, num_slots),
+            self.kv,
+            self.cost,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=max(config.max_num_batched_tokens, config.max_num_seqs),
             max_model_len=loaded.max_model_len,
             max_waiting=config.max_waiting,
+            reserve_blocks=reserve,
         )
         self.requests: dict[str, Request] = {}
         # Unseeded sampling draws from torch's default generator; seeding it makes a server run repeatable.
         torch.manual_seed(config.seed)
-        self.fault_hook: Callable[[Request], None] | None = None  # tests inject failures here
         log.info(
-            "KV cache: %d slots x %d tokens (%.1f MiB)",
-            num_slots,
-            shape.capacity,
-            self.cache.total_bytes / 2**20,
+            "KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB), %d bytes per token; prefix caching %s",
+            num_blocks - 1,
+            size,
+            self.kv.capacity_tokens,
+            self.pool.total_bytes / 2**20,
+            shape.bytes_per_token(loaded.dtype),
+            "on" if config.enable_prefix_caching else "off",
         )
-        if num_slots < min(config.max_num_seqs, FEW_SLOTS):
-            # Each slot holds a whole max_model_len context, so a long context leaves few of them.
-            log.warning(
-                "the KV cache holds only %d sequences of %d tokens: at most %d requests run at once. "
-                "Lower --max-model-len (the longest prompt + answer you serve) or raise "
-                "--kv-cache-memory-gib to run more together.",
-                num_slots,
-                shape.capacity,
-                num_slots,
-            )
+
+    @property
+    def fault_hook(self) -> Callable[[Request], None] | None:
+        return self.runner.fault_hook
+
+    @fault_hook.setter
+    def fault_hook(self, hook: Callable[[Request], None] | None) -> None:
+        self.runner.fault_hook = hook  # tests inject failures into the forward this way
 
     # -- requests ----------------------------------------------------------------------------------
 
     def add(self, request: Request) -> None:
         """Admit a prepared request to the waiting queue (raises PromptTooLongError / QueueFullError)."""
         params = request.params
-        request.max_tokens = self.scheduler.check_fits(
-            request.prompt_len, params.max_tokens, request.image_token_count
-        )
+        request.max_tokens = self.scheduler.check_fits(request.prompt_len, params.max_tokens, request.image_token_count)
+        request.cache_root += self.runner.rotary.cache_root(request.prompt_len)
         tail = request.prompt_ids[-4:]
         for seq in request.seqs:
             seq.detokenizer = IncrementalDetokenizer(self.loaded.tokenizer, tail, stop_strings=params.stop)
@@ -144,7 +150,7 @@ class Engine:
     def abort(self, request_id: str) -> None:
         request = self.requests.pop(request_id, None)
         if request is not None:
-            self._apply(self.scheduler.abort(request))
+            self.scheduler.abort(request)
 
     def fail_all(self, error: Exception) -> None:
         for request in list(self.requests.values()):
@@ -154,66 +160,89 @@ class Engine:
 
     def step(self) -> None:
         plan = self.scheduler.schedule()
-        touched: dict[int, Request] = {}
-        if plan.prefills:
-            self._run_prefills(plan.prefills, touched)
-        if plan.decodes:
-            self._run_decode(plan.decodes, touched)
+        if plan.vision:
+            self._encode(plan)
+        if plan.chunks:
+            self._forward(plan)
+        touched = {id(c.seq.request): c.seq.request for c in plan.chunks}
         for request in touched.values():
-            self._emit(request)
+            if request.request_id in self.requests:  # not failed (a failure sent its own output)
+                self._emit(request)
 
-    def _run_prefills(self, chunks: list[PrefillChunk], touched: dict[int, Request]) -> None:
-        starting = [c.request for c in chunks if c.start == 0 and c.request.images]
-        self._encode_images(starting)
-        for chunk in chunks:
-            request = chunk.request
-            if request.finished:
-                continue
-            try:
-                if self.fault_hook is not None:
-                    self.fault_hook(request)
-                logits = self.runner.prefill(chunk)
-            except Exception as exc:  # noqa: BLE001 - isolate the failure to this request
-                self._fail_or_die(request, exc)
-                continue
-            self.scheduler.prefilled(chunk)
-            if logits is not None:
-                seqs = list(request.seqs)
-                tokens, logprobs = self.runner.sample(seqs, logits.expand(len(seqs), -1))
-                self._append(seqs, tokens, logprobs, touched)
-
-    def _encode_images(self, requests: list[Request]) -> None:
-        if not requests:
-            return
+    def _encode(self, plan: StepPlan) -> None:
+        started = time.perf_counter()
         try:
-            self.runner.encode_images(requests)
+            self.runner.encode(plan.vision)
+            self.cost.observe_vision(plan.num_tiles, time.perf_counter() - started)
             return
-        except Exception:  # noqa: BLE001 - retry one by one to find the request at fault
-            log.warning("batched vision encoding failed; retrying per request", exc_info=True)
-        for request in requests:
+        except Exception:  # noqa: BLE001 - retry one image at a time to find the request at fault
+            log.warning("batched vision encoding failed; retrying per image", exc_info=True)
+        owners = {id(image): request for request in self.scheduler.running for image in request.images}
+        for task in plan.vision:
+            request = owners.get(id(task.image))
+            if request is None or request.finished:
+                continue
             try:
-                self.runner.encode_images([request])
+                self.runner.encode([task])
             except Exception as exc:  # noqa: BLE001
                 self._fail_or_die(request, exc)
+        plan.chunks = [c for c in plan.chunks if not c.seq.request.finished]
 
-    def _run_decode(self, seqs: list[Sequence], touched: dict[int, Request]) -> None:
+    def _forward(self, plan: StepPlan) -> None:
+        self.runner.copy_blocks(plan.copies)
+        started = time.perf_counter()
         try:
-            logits = self.runner.decode(seqs)
-            tokens, logprobs = self.runner.sample(seqs, logits)
-        except Exception as exc:  # noqa: BLE001
-            for request in {id(s.request): s.request for s in seqs}.values():
-                self._fail_or_die(request, exc)
+            logits = self.runner.forward(plan.chunks)
+        except Exception as exc:  # noqa: BLE001 - isolate the failure to the requests at fault
+            if _is_fatal(exc):
+                raise FatalEngineError("unrecoverable device error") from exc
+            self._forward_each(plan)
             return
-        self._append(seqs, tokens, logprobs, touched)
+        self.cost.observe_lm(plan.num_tokens, time.perf_counter() - started)
+        self._postprocess(plan.chunks, logits)
+
+    def _forward_each(self, plan: StepPlan) -> None:
+        log.warning("packed forward failed; rerunning the step one request at a time", exc_info=True)
+        by_request: dict[int, list[Chunk]] = {}
+        for chunk in plan.chunks:
+            by_request.setdefault(id(chunk.seq.request), []).append(chunk)
+        for chunks in by_request.values():
+            request = chunks[0].seq.request
+            try:
+                logits = self.runner.forward(chunks)
+            except Exception as exc:  # noqa: BLE001
+                self._fail_or_die(request, exc)
+                continue
+            self._postprocess(chunks, logits)
+
+    def _postprocess(self, chunks: list[Chunk], logits: torch.Tensor) -> None:
+        self.scheduler.computed(chunks)
+        rows: list[Sequence] = []
+        row_logits: list[int] = []
+        for index, chunk in enumerate(c for c in chunks if c.samples):
+            seq = chunk.seq
+            request = seq.request
+            if request.n > 1 and seq.index == 0 and not seq.output_ids:
+                # The shared prompt is done: every choice samples from its last logits.
+                self.scheduler.fork(request)
+                choices = [s for s in request.seqs if not s.finished]
+            else:
+                choices = [seq]
+            rows.extend(choices)
+            row_logits.extend([index] * len(choices))
+        if not rows:
+            return
+        picked = logits[torch.tensor(row_logits, device=logits.device)]
+        tokens, logprobs = self.runner.sample(rows, picked)
+        self._append(rows, tokens, logprobs)
 
     # -- postprocess -------------------------------------------------------------------------------
 
-    def _append(self, seqs: list[Sequence], tokens: list[int], logprobs, touched: dict[int, Request]) -> None:
+    def _append(self, seqs: list[Sequence], tokens: list[int], logprobs) -> None:
         for row, (seq, token) in enumerate(zip(seqs, tokens, strict=True)):
             if seq.finished:
                 continue
             request = seq.request
-            touched[id(request)] = request
             seq.output_ids.append(token)
             if token in request.params.extra_stop_token_ids:
                 self._finish(seq, "stop")
@@ -239,11 +268,7 @@ class Engine:
     def _finish(self, seq: Sequence, reason: str) -> None:
         if reason != "stop" or not seq.detokenizer.stopped:
             seq.pending_text += seq.detokenizer.flush()
-        self._apply(self.scheduler.finish(seq, reason))
-
-    def _apply(self, moves: list[SlotMove]) -> None:
-        for src, dst, tokens in moves:
-            self.runner.copy_slot(src, dst, tokens)
+        self.scheduler.finish(seq, reason)
 
     def _emit(self, request: Request) -> None:
         deltas = []
@@ -261,6 +286,8 @@ class Engine:
                 )
             seq.finish_reported = seq.finish_reported or reason is not None
             seq.pending_text, seq.pending_ids, seq.pending_logprobs = "", [], []
+        if not deltas and not request.finished:
+            return
         finished = request.finished
         if finished:
             self.requests.pop(request.request_id, None)
@@ -273,6 +300,7 @@ class Engine:
             prompt_tokens=request.prompt_len,
             completion_tokens=sum(len(s.output_ids) for s in request.seqs),
             image_tokens=request.image_token_count,
+            cached_tokens=request.num_cached_tokens,
             finished=finished,
             queue_time=queue_time,
         )
@@ -281,7 +309,7 @@ class Engine:
 
     def _fail(self, request: Request, error: Exception) -> None:
         self.requests.pop(request.request_id, None)
-        self._apply(self.scheduler.abort(request, "error"))
+        self.scheduler.abort(request, "error")
         if request.sink is not None:
             request.sink(
                 RequestOutput(
@@ -290,6 +318,7 @@ class Engine:
                     prompt_tokens=request.prompt_len,
                     completion_tokens=sum(len(s.output_ids) for s in request.seqs),
                     image_tokens=request.image_token_count,
+                    cached_tokens=request.num_cached_tokens,
                     finished=True,
                     error=error,
                 )
@@ -310,15 +339,18 @@ class Engine:
 
     def stats(self) -> EngineStats:
         sched = self.scheduler
-        used_tokens = sched.used_tokens()
         return EngineStats(
             num_running=sched.num_running,
             num_waiting=sched.num_waiting,
-            cache_usage=sched.used_slots / self.cache.num_slots,
-            cache_used_tokens=used_tokens,
-            cache_total_tokens=self.cache.num_slots * self.cache.shape.capacity,
+            cache_usage=self.kv.usage,
+            cache_used_blocks=self.kv.pool.num_used,
+            cache_total_blocks=self.kv.pool.num_usable,
+            block_size=self.kv.block_size,
+            prefix_cache_queries=self.kv.query_tokens,
+            prefix_cache_hits=self.kv.hit_tokens,
+            num_preemptions=sched.num_preemptions,
             vision_cache_bytes=self.vision_cache.bytes,
             vision_cache_hits=self.vision_cache.hits,
             vision_cache_misses=self.vision_cache.misses,
-            extra={"num_slots": float(self.cache.num_slots), "used_slots": float(sched.used_slots)},
         )
+

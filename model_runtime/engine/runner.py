@@ -1,17 +1,25 @@
-"""The model runner: turns a step's plan into tensors, runs vision + LM, and samples.
+"""The model runner: turns a step's plan into tensors, runs vision and the LM, returns logits.
 
-The LLM is transformers' own module (`model.model.language_model`), driven with precomputed input
-embeddings, explicit positions and masks, and our slot cache as `past_key_values`. Logits are
-computed for the last position of each sequence only.
+Vision: the plan's tiles, from every request, go through the vision tower together (in forwards of
+at most `max_vision_batch_tiles`); each image's features fill in as its tiles arrive.
+
+Language model: one packed forward per step. The step's tokens (every decode, every prefill chunk)
+are embedded as one [1, T] batch, image-context rows replaced by their images' features, and run
+through transformers' own decoder layers with explicit positions; attention is
+`attention.paged_attention` over the block pool. Logits are computed only for the last token of
+each chunk that reaches its sequence's end.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 
 import torch
 
-from model_runtime.engine.kv_cache import SlotKVCache
+from model_runtime.engine import attention
+from model_runtime.engine.attention import PackedBatch, Span
+from model_runtime.engine.kv_cache import KVPool
 from model_runtime.engine.sampler import (
     BatchSamplingState,
     apply_penalties,
@@ -19,19 +27,72 @@ from model_runtime.engine.sampler import (
     sample,
     token_counts,
 )
-from model_runtime.engine.scheduler import PrefillChunk
-from model_runtime.engine.sequence import Request, Sequence
+from model_runtime.engine.scheduler import Chunk, VisionTask
+from model_runtime.engine.sequence import ImageSlot, Request, Sequence
 from model_runtime.engine.vision_cache import VisionFeatureCache
 from model_runtime.loading.checkpoint import LoadedCheckpoint
 
 
+class _Rotary:
+    """Position embeddings for packed tokens of different sequences.
+
+    Every RoPE variant InternVL's LLMs use depends on the position alone, except LongRoPE (Phi-3),
+    which switches every position of a forward to its long factors once the sequence outgrows the
+    original context. In Phi-3's code (which InternVL2-4B runs) that is decided per forward from the
+    largest position, so a prompt longer than the original context is computed with long factors
+    throughout, and a generated token at position p uses them once p + 1 exceeds it. Here several
+    sequences share a forward, so the choice is made per token by the same rule.
+    """
+
+    def __init__(self, lm: torch.nn.Module) -> None:
+        self.module = lm.rotary_emb
+        rope = lm.config.rope_parameters or {}
+        self.original = rope.get("original_max_position_embeddings") if rope.get("rope_type") == "longrope" else None
+        if self.original is not None:
+            from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+            init = ROPE_INIT_FUNCTIONS["longrope"]
+            device = self.module.inv_freq.device
+            self.short, self.short_scale = init(lm.config, device, seq_len=self.original)
+            self.long, self.long_scale = init(lm.config, device, seq_len=self.original + 1)
+
+    def __call__(
+        self, hidden: torch.Tensor, positions: torch.Tensor, long_rows: list[bool] | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # hidden: [1, T, H]; positions: [T]; returns cos, sin: [1, T, D]
+        if self.original is None:
+            return self.module(hidden, positions[None])
+        pos = positions.to(self.short.device).float()[:, None]
+        long = torch.tensor(long_rows, device=pos.device)[:, None]  # [T, 1]
+        freqs = torch.where(long, pos * self.long[None], pos * self.short[None])
+        scale = torch.where(long, self.long_scale, self.short_scale)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos() * scale, emb.sin() * scale
+        return cos[None].to(hidden.dtype), sin[None].to(hidden.dtype)
+
+    def long_rows(self, chunks: Seq[Chunk]) -> list[bool] | None:
+        if self.original is None:
+            return None
+        rows: list[bool] = []
+        for chunk in chunks:
+            prompt = chunk.seq.request.prompt_len
+            rows.extend(max(prompt, p + 1) > self.original for p in range(chunk.start, chunk.end))
+        return rows
+
+    def cache_root(self, prompt_len: int) -> bytes:
+        """What the prefix cache must tell apart: prompts computed with short or long factors."""
+        if self.original is None:
+            return b""
+        return b"longrope-long" if prompt_len > self.original else b"longrope-short"
+
+
 class ModelRunner:
-    """Owns the model's forward passes and the cache tensors."""
+    """Owns the model's forward passes and the KV pool."""
 
     def __init__(
         self,
         loaded: LoadedCheckpoint,
-        cache: SlotKVCache,
+        pool: KVPool,
         vision_cache: VisionFeatureCache,
         *,
         max_vision_batch_tiles: int = 64,
@@ -39,116 +100,132 @@ class ModelRunner:
         self.loaded = loaded
         self.model = loaded.model
         self.lm = loaded.model.model.language_model
+        # The LM's attention modules call attention.paged_attention, which is plain SDPA unless a
+        # packed step is passed (generate() on the same model stays what it was).
+        self.lm.config._attn_implementation = attention.ATTENTION_NAME
         self.embed = self.lm.get_input_embeddings()
         self.lm_head = loaded.model.get_output_embeddings()
         self.device = self.embed.weight.device
         self.vocab_size = int(self.lm_head.weight.shape[0])
-        self.cache = cache
+        self.pool = pool
+        self.block_size = pool.block_size
         self.vision_cache = vision_cache
         self.max_vision_batch_tiles = max_vision_batch_tiles
+        self.rotary = _Rotary(self.lm)
+        self.fault_hook: Callable[[Request], None] | None = None  # tests inject failures here
 
     # -- vision ------------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def encode_images(self, requests: Seq[Request]) -> None:
-        """Fill `features` of every image slot of `requests`, batching all misses in one pass."""
-        todo: dict[str, list] = {}
-        for request in requests:
-            for image in request.images:
-                if image.features is not None:
-                    continue
-                cached = self.vision_cache.get(image.key)
-                if cached is not None:
-                    image.features, image.pixel_values = cached, None
-                else:
-                    todo.setdefault(image.key, []).append(image)
+    def encode(self, tasks: Seq[VisionTask]) -> None:
+        """Encode the tasks' tiles, taking whole images from the vision cache where it has them."""
+        todo: list[VisionTask] = []
+        for task in tasks:
+            image = task.image
+            if image.tiles_ready == 0 and (cached := self.vision_cache.get(image.key)) is not None:
+                image.features, image.pixel_values, image.tiles_ready = cached, None, image.num_tiles
+            elif task.start >= image.tiles_ready:
+                todo.append(task)
         if not todo:
             return
-        keys = list(todo)
-        pixels = [todo[k][0].pixel_values for k in keys]
-        features = self._vision_forward(torch.cat(pixels))  # [sum tiles, T, hidden]
+        pixels = torch.cat([t.image.pixel_values[t.start : t.end] for t in todo])
+        features = self._vision_forward(pixels)  # [tiles, tokens_per_tile, hidden]
         offset = 0
-        for key, pv in zip(keys, pixels, strict=True):
-            tiles = pv.shape[0]
-            feats = features[offset : offset + tiles].reshape(-1, features.shape[-1])
+        for task in todo:
+            image, tiles = task.image, task.end - task.start
+            per_tile = features.shape[1]
+            if image.features is None:
+                image.features = features.new_empty((image.num_tiles * per_tile, features.shape[-1]))
+            image.features[task.start * per_tile : task.end * per_tile] = features[offset : offset + tiles].flatten(
+                0, 1
+            )
             offset += tiles
-            self.vision_cache.put(key, feats)
-            for image in todo[key]:
-                image.features, image.pixel_values = feats, None
+            image.tiles_ready = task.end
+            if image.complete:
+                image.pixel_values = None
+                self.vision_cache.put(image.key, image.features)
 
     def _vision_forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         vision_device = next(self.model.model.vision_tower.parameters()).device
         outputs = []
         for start in range(0, pixel_values.shape[0], self.max_vision_batch_tiles):
-            chunk = pixel_values[start : start + self.max_vision_batch_tiles].to(
-                vision_device, self.loaded.dtype
-            )
+            chunk = pixel_values[start : start + self.max_vision_batch_tiles].to(vision_device, self.loaded.dtype)
             out = self.model.model.get_image_features(pixel_values=chunk, return_dict=True)
             outputs.append(out.pooler_output.to(self.device))  # [tiles, T, hidden]
         return torch.cat(outputs)
 
     # -- language model ----------------------------------------------------------------------------
 
-    def _embed(self, request: Request, start: int, end: int) -> torch.Tensor:
-        ids = torch.tensor(request.prompt_ids[start:end], device=self.device)
-        embeds = self.embed(ids).unsqueeze(0)  # [1, chunk, hidden]
-        if request.images:
-            context = torch.tensor(request.prompt_ids, device=self.device) == self.loaded.image_context_id
-            in_chunk = context[start:end]
-            count = int(in_chunk.sum())
-            if count:
-                before = int(context[:start].sum())
-                features = torch.cat([image.features for image in request.images])
-                rows = features[before : before + count].to(embeds.dtype)
-                embeds[0, in_chunk] = rows
-        return embeds
+    def _slots(self, seq: Sequence, start: int, end: int) -> torch.Tensor:
+        """Pool rows of seq's tokens [start, end)."""
+        size = self.block_size
+        first, last = start // size, (end - 1) // size + 1
+        table = torch.tensor(seq.block_table[first:last], dtype=torch.long)
+        rows = (table[:, None] * size + torch.arange(size)[None, :]).view(-1)
+        return rows[start - first * size : end - first * size]
+
+    def _pack(self, chunks: Seq[Chunk]) -> tuple[torch.Tensor, torch.Tensor, PackedBatch, list[tuple]]:
+        ids: list[int] = []
+        positions: list[torch.Tensor] = []
+        new_slots: list[torch.Tensor] = []
+        contexts: list[torch.Tensor] = []
+        spans: list[Span] = []
+        images: list[tuple[int, ImageSlot, int, int]] = []  # (packed row, image, first, last feature row)
+        gathered = 0
+        for chunk in chunks:
+            seq, start, end = chunk.seq, chunk.start, chunk.end
+            if self.fault_hook is not None and start < seq.request.prompt_len:
+                self.fault_hook(seq.request)
+            row = len(ids)
+            ids.extend(seq.tokens(start, end))
+            positions.append(torch.arange(start, end))
+            if start == 0:
+                new_slots.append(self._slots(seq, 0, end))
+                spans.append(Span(row, row + end, 0, -1, -1))
+            else:
+                context = self._slots(seq, 0, end)
+                new_slots.append(context[start:])
+                contexts.append(context)
+                spans.append(Span(row, row + end - start, start, gathered, gathered + end))
+                gathered += end
+            for image in seq.request.images if start < seq.request.prompt_len else ():
+                a, b = max(start, image.start), min(end, image.end)
+                if a < b:
+                    images.append((row + a - start, image, a - image.start, b - image.start))
+        batch = PackedBatch(
+            pool=self.pool,
+            slot_mapping=torch.cat(new_slots),
+            context_slots=torch.cat(contexts) if contexts else torch.empty(0, dtype=torch.long),
+            spans=spans,
+        )
+        return torch.tensor(ids), torch.cat(positions), batch, images
 
     @torch.inference_mode()
-    def prefill(self, chunk: PrefillChunk) -> torch.Tensor | None:
-        """Compute a prompt chunk into the request's base slot; the last logits [1, V] if it completes."""
-        request, start, end = chunk.request, chunk.start, chunk.end
-        embeds = self._embed(request, start, end)
-        positions = torch.arange(start, end, device=self.device).unsqueeze(0)  # [1, chunk]
-        if start == 0:
-            mask = None  # transformers builds the causal mask itself, exactly as in a fresh forward
-        else:
-            q = torch.arange(start, end, device=self.device)[:, None]
-            k = torch.arange(end, device=self.device)[None, :]
-            mask = (k <= q)[None, None]  # [1, 1, chunk, end]
-        hidden = self.lm(
-            inputs_embeds=embeds,
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=self.cache.prefill_view(request.base_slot, start),
-            use_cache=True,
-        ).last_hidden_state
-        if not chunk.completes:
-            return None
-        for image in request.images:  # features are no longer needed once the prompt is cached
-            image.features = None
-        for sibling in range(1, request.n):
-            self.cache.copy_slot(request.base_slot, request.base_slot + sibling, request.prompt_len)
-        return self.lm_head(hidden[:, -1])  # [1, V]
+    def forward(self, chunks: Seq[Chunk]) -> torch.Tensor:
+        """Compute the chunks in one forward; logits [S, V] for the chunks that sample, in order."""
+        ids, positions, batch, images = self._pack(chunks)
+        embeds = self.embed(ids.to(self.device))  # [T, hidden]
+        if images:
+            rows = torch.cat([torch.arange(r, r + (b - a)) for r, _, a, b in images]).to(self.device)
+            features = torch.cat([image.features[a:b] for _, image, a, b in images])
+            embeds[rows] = features.to(embeds.dtype)
+        hidden = embeds[None]  # [1, T, hidden]
+        positions = positions.to(self.device)
+        rotary = self.rotary(hidden, positions, self.rotary.long_rows(chunks))
+        for layer in self.lm.layers:
+            hidden = layer(
+                hidden,
+                attention_mask=None,
+                position_ids=positions[None],
+                position_embeddings=rotary,
+                packed=batch,
+            )
+        hidden = self.lm.norm(hidden)
+        last = [span.q_end - 1 for span, chunk in zip(batch.spans, chunks, strict=True) if chunk.samples]
+        return self.lm_head(hidden[0, torch.tensor(last, dtype=torch.long, device=hidden.device)])  # [S, V]
 
-    @torch.inference_mode()
-    def decode(self, seqs: Seq[Sequence]) -> torch.Tensor:
-        """One token for each sequence in slots 0..B-1; returns logits [B, V]."""
-        batch = len(seqs)
-        last = torch.tensor([s.output_ids[-1] for s in seqs], device=self.device)  # [B]
-        positions = torch.tensor([s.num_tokens - 1 for s in seqs], device=self.device)  # [B]
-        length = int(positions.max()) + 1
-        if batch == 1:
-            mask = None  # one sequence needs no padding mask (and matches a plain generate() step)
-        else:
-            mask = (torch.arange(length, device=self.device)[None, :] <= positions[:, None])[:, None, None, :]
-        hidden = self.lm(
-            inputs_embeds=self.embed(last).unsqueeze(1),  # [B, 1, hidden]
-            attention_mask=mask,
-            position_ids=positions.unsqueeze(1),
-            past_key_values=self.cache.decode_view(positions, length),
-            use_cache=True,
-        ).last_hidden_state
-        return self.lm_head(hidden[:, -1])  # [B, V]
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        self.pool.copy_blocks(copies)
 
     # -- sampling ----------------------------------------------------------------------------------
 
@@ -162,9 +239,7 @@ class ModelRunner:
         if state.any_penalty:
             for s in seqs:
                 if s.request.prompt_counts is None:
-                    s.request.prompt_counts = token_counts(
-                        [s.request.prompt_ids], logits.shape[-1], logits.device
-                    )[0]
+                    s.request.prompt_counts = token_counts([s.request.prompt_ids], logits.shape[-1], logits.device)[0]
             prompt_counts = torch.stack([s.request.prompt_counts for s in seqs])
             output_counts = token_counts([s.output_ids for s in seqs], logits.shape[-1], logits.device)
             logits = apply_penalties(
@@ -175,6 +250,3 @@ class ModelRunner:
         if any(p.logprobs for p in params):
             logprobs = compute_logprobs(raw, tokens, [p.top_logprobs if p.logprobs else 0 for p in params])
         return tokens.tolist(), logprobs
-
-    def copy_slot(self, src: int, dst: int, tokens: int) -> None:
-        self.cache.copy_slot(src, dst, tokens)

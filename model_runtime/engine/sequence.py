@@ -1,8 +1,13 @@
 """Request and Sequence: the objects that carry one request from arrival to finish.
 
 A `Request` is what a client asked for (one prompt, its images, its sampling settings); it owns
-`n` `Sequence`s, one per choice, that share the prompt's prefill. Pure Python: the scheduler
-reads these without importing torch; tensors ride along as opaque attributes.
+`n` `Sequence`s, one per choice. Pure Python: the scheduler and the block manager read these
+without importing torch; tensors ride along as opaque attributes.
+
+The engine's whole view of a sequence is "tokens, and how many of them have keys and values in
+the cache" (`num_computed`): a prompt being prefilled, a sequence decoding (one token to compute)
+and one being recomputed after preemption differ only in how far `num_computed` lags behind
+`num_tokens`.
 """
 
 from __future__ import annotations
@@ -17,30 +22,52 @@ from model_runtime.sampling_params import SamplingParams
 
 class Status(enum.Enum):
     WAITING = "waiting"
-    PREFILLING = "prefilling"
-    DECODING = "decoding"
+    RUNNING = "running"
     FINISHED = "finished"
 
 
-@dataclass
+@dataclass(eq=False)
 class ImageSlot:
-    """One image (or video frame) of a prompt: its content key, tiles, and pixels until encoded."""
+    """One image (or video frame) of a prompt: where its tokens are and how much of it is encoded.
 
-    key: str
+    Tiles are encoded independently by the vision tower, so an image can be encoded a few tiles per
+    step; prompt tokens become computable as their tile's features arrive.
+    """
+
+    key: str  # content key: the same image at the same tiling has the same key
     num_tiles: int
-    pixel_values: Any | None  # torch.Tensor [tiles, 3, S, S]; dropped once features exist
-    features: Any | None = None  # torch.Tensor [tiles * tokens_per_tile, hidden]
+    pixel_values: Any | None  # torch.Tensor [tiles, 3, S, S]; dropped once every tile is encoded
+    features: Any | None = None  # torch.Tensor [tiles * tokens_per_tile, hidden], filled by tiles
+    start: int = 0  # prompt index of its first image-context token
+    num_tokens: int = 0  # image-context tokens: tiles * tokens per tile
+    tiles_ready: int = 0
+
+    @property
+    def end(self) -> int:
+        return self.start + self.num_tokens
+
+    @property
+    def ready_end(self) -> int:
+        """Prompt index up to which this image's features exist."""
+        return self.start + self.tiles_ready * (self.num_tokens // max(1, self.num_tiles))
+
+    @property
+    def complete(self) -> bool:
+        return self.tiles_ready >= self.num_tiles
 
 
 @dataclass(eq=False)
 class Sequence:
-    """One choice of a request: its generated ids, cache slot, detokenizer and finish state."""
+    """One choice of a request: its generated ids, KV blocks, detokenizer and finish state."""
 
     request: Request
     index: int
     output_ids: list[int] = field(default_factory=list)
-    slot: int = -1
     status: Status = Status.WAITING
+    block_table: list[int] = field(default_factory=list)
+    num_computed: int = 0  # tokens whose keys and values are in the cache
+    block_hashes: list[bytes] = field(default_factory=list)  # prefix-cache keys of its full blocks
+    num_keyed_blocks: int = 0  # leading blocks already registered in the prefix cache
     finish_reason: str | None = None
     finish_reported: bool = False
     detokenizer: Any = None  # IncrementalDetokenizer
@@ -51,8 +78,20 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
-        """Tokens whose keys/values are (or will be, after this step) in the cache."""
         return self.request.prompt_len + len(self.output_ids)
+
+    @property
+    def num_pending(self) -> int:
+        """Tokens still to compute before this sequence can sample its next one."""
+        return self.num_tokens - self.num_computed
+
+    def tokens(self, start: int, end: int) -> list[int]:
+        """Token ids [start, end) of prompt + output."""
+        prompt = self.request.prompt_ids
+        if end <= len(prompt):
+            return prompt[start:end]
+        out = self.output_ids[max(0, start - len(prompt)) : end - len(prompt)]
+        return (prompt[start:] if start < len(prompt) else []) + out
 
     @property
     def finished(self) -> bool:
@@ -71,12 +110,14 @@ class Request:
     image_token_count: int = 0
     arrival_time: float = field(default_factory=time.monotonic)
     first_scheduled_time: float | None = None
-    num_computed: int = 0  # prompt tokens already prefilled
-    base_slot: int = -1  # slot that holds the prompt while it is prefilled
     seqs: list[Sequence] = field(default_factory=list)
     sink: Any = None  # callable(RequestOutput) delivering outputs to the client side
     prompt_counts: Any = None  # torch.Tensor [V] of prompt token counts, built once for penalties
-    error: Exception | None = None
+    # The root of this prompt's prefix-cache keys: the tenant's salt and anything else (a RoPE
+    # variant) that makes the same tokens compute different keys and values.
+    cache_root: bytes = b""
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (usage.cached_tokens)
+    num_preemptions: int = 0
 
     def __post_init__(self) -> None:
         if not self.seqs:
@@ -93,3 +134,15 @@ class Request:
     @property
     def finished(self) -> bool:
         return all(s.finished for s in self.seqs)
+
+    @property
+    def forked(self) -> bool:
+        """Whether every choice has its own tokens (after the shared prompt, or after preemption)."""
+        return all(s.output_ids for s in self.seqs)
+
+    def active_seqs(self) -> list[Sequence]:
+        """The sequences that compute: the first alone until the shared prompt is done, then all
+        unfinished ones."""
+        if self.n > 1 and not self.seqs[0].output_ids:
+            return [self.seqs[0]]
+        return [s for s in self.seqs if not s.finished]

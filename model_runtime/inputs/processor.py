@@ -130,6 +130,10 @@ class Processor:
             tokens_per_tile=self.loaded.tokens_per_tile,
             image_context_id=self.loaded.image_context_id,
         )
+        for slot, (start, count) in zip(slots, prompt.image_spans, strict=True):
+            slot.start, slot.num_tokens = start, count
+            if slot.features is not None:
+                slot.tiles_ready = slot.num_tiles
         stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos:
             stop_ids.update(self.loaded.stop_token_ids)

@@ -99,16 +99,12 @@ def pick_device_and_dtype(engine: EngineConfig) -> tuple[torch.device, torch.dty
 
 
 def pick_attn_implementation(requested: str, device: torch.device) -> str:
-    if requested != "auto":
-        return requested
-    if device.type == "cuda":
-        try:
-            import flash_attn  # noqa: F401
+    """The vision tower's attention kernel (the LM always runs the engine's paged attention).
 
-            return "flash_attention_2"
-        except ImportError:
-            pass
-    return "sdpa"
+    auto is PyTorch SDPA on every device: flash-attn has not been run by a GPU test here yet, and
+    every kernel the server picks by itself must be one a test has run.
+    """
+    return "sdpa" if requested == "auto" else requested
 
 
 def _choose_template(engine: EngineConfig, parsed: ParsedConfig, path: Path) -> ConversationTemplate:
