@@ -28,7 +28,7 @@ class EngineOptions(BaseModel):
     device_map: str | None = None
     """e.g. 'auto' to spread a large model over GPUs (needs accelerate)"""
     attn_implementation: str = "auto"
-    """vision tower's attention: auto (= sdpa), sdpa, eager or flash_attention_2; the LM always uses paged SDPA"""
+    """vision tower's attention: auto (= sdpa), sdpa, eager or flash_attention_2 (the LM: paged SDPA)"""
     allow_pickle: bool = False
     """read .bin (pickle) weights; off because unpickling can run code"""
     template: str | None = None
@@ -46,7 +46,7 @@ class EngineOptions(BaseModel):
     enable_prefix_caching: bool = True
     """reuse the keys and values of prompt prefixes computed before (chat history, shared system prompts)"""
     step_time_target_ms: float | None = None
-    """how long a step with prefill or image work may take while streams decode; None = per device (CPU 250, GPU 60)"""
+    """ms a step with prefill or image work may take while streams decode; None = CPU 250, GPU 60"""
     max_waiting: int = 256
     """queued requests before new ones get 503"""
     kv_cache_memory_gib: float | None = None

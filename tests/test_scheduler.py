@@ -9,6 +9,7 @@ a sequence reading someone else's tokens.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Callable
 
@@ -51,7 +52,11 @@ class FixedCost(StepCostModel):
 
     def __init__(self, target_s: float, *, max_tokens: int = 10_000, max_tiles: int = 100, **costs: float):
         super().__init__(target_s, max_tokens=max_tokens, max_tiles=max_tiles, min_tokens=4)
-        self.base, self.token_s, self.tile = costs.get("base", 0.0), costs.get("token_s", 0.001), costs.get("tile_s", 0.01)
+        self.base, self.token_s, self.tile = (
+            costs.get("base", 0.0),
+            costs.get("token_s", 0.001),
+            costs.get("tile_s", 0.01),
+        )
 
     def lm_seconds(self, tokens: int) -> float:
         return self.base + self.token_s * tokens
@@ -112,7 +117,9 @@ class FakeEngine:
             task.image.tiles_ready = task.end
         for chunk in plan.chunks:
             seq = chunk.seq
-            assert seq.status is Status.RUNNING and chunk.start == seq.num_computed < chunk.end <= seq.num_tokens
+            assert (
+                seq.status is Status.RUNNING and chunk.start == seq.num_computed < chunk.end <= seq.num_tokens
+            )
             for image in seq.request.images:  # image tokens are computed only once encoded
                 overlap_end = min(chunk.end, image.end)
                 assert overlap_end <= image.ready_end or chunk.end <= image.start or chunk.start >= image.end
@@ -121,7 +128,9 @@ class FakeEngine:
         for chunk in plan.chunks:  # after every write of the step, as attention reads them
             seq = chunk.seq
             context = [self.cache[seq.block_table[p // size]][p % size] for p in range(chunk.end)]
-            assert context == [label(seq, p) for p in range(chunk.end)], f"{seq.request.request_id} reads wrong KV"
+            assert context == [label(seq, p) for p in range(chunk.end)], (
+                f"{seq.request.request_id} reads wrong KV"
+            )
         sched.computed(plan.chunks)
         for chunk in plan.chunks:
             if not chunk.samples or chunk.seq.finished:
@@ -187,7 +196,9 @@ def test_decodes_run_every_step_while_a_long_prompt_prefills_in_chunks() -> None
 
 def test_sixteen_short_chats_share_a_small_cache() -> None:
     """The issue's case: a cache worth 2,048 tokens, 16 chats of ~100 prompt + 96 output tokens."""
-    sched = make_scheduler(blocks=2048 // 16 + 1, block_size=16, max_num_batched_tokens=2048, max_model_len=2048)
+    sched = make_scheduler(
+        blocks=2048 // 16 + 1, block_size=16, max_num_batched_tokens=2048, max_model_len=2048
+    )
     engine = FakeEngine(sched)
     for i in range(16):
         sched.add(make_request([i % VOCAB] + list(range(99)), max_tokens=96))
@@ -357,14 +368,14 @@ class SchedulerMachine(RuleBasedStateMachine):
         with_image=st.booleans(),
         image_key=st.sampled_from(["x", "y"]),
     )
-    def arrive(self, base: int, extra: int, n: int, max_tokens: int, with_image: bool, image_key: str) -> None:
+    def arrive(
+        self, base: int, extra: int, n: int, max_tokens: int, with_image: bool, image_key: str
+    ) -> None:
         prompt = [base] * 8 + list(range(extra))  # a few shared prefixes
         images = [(image_key, 2, 2, 3)] if with_image else []
         request = make_request(prompt, n=n, max_tokens=min(max_tokens, 60 - len(prompt)), images=images)
-        try:
+        with contextlib.suppress(QueueFullError):
             self.sched.add(request)
-        except QueueFullError:
-            pass
 
     @rule(data=st.data())
     @precondition(lambda self: self.sched.running or self.sched.waiting)

@@ -87,7 +87,12 @@ class Engine:
                     f"max_model_len {config.max_model_len} does not fit in the KV cache, which holds "
                     f"{fits} tokens; lower --max-model-len or raise --kv-cache-memory-gib"
                 )
-            log.info("max_model_len %d (the model allows %d; the KV cache holds %d tokens)", fits, loaded.max_model_len, fits)
+            log.info(
+                "max_model_len %d (the model allows %d; the KV cache holds %d tokens)",
+                fits,
+                loaded.max_model_len,
+                fits,
+            )
             loaded.max_model_len = fits
         self.loaded = loaded
         layers = loaded.model.model.language_model.layers
@@ -137,7 +142,9 @@ class Engine:
     def add(self, request: Request) -> None:
         """Admit a prepared request to the waiting queue (raises PromptTooLongError / QueueFullError)."""
         params = request.params
-        request.max_tokens = self.scheduler.check_fits(request.prompt_len, params.max_tokens, request.image_token_count)
+        request.max_tokens = self.scheduler.check_fits(
+            request.prompt_len, params.max_tokens, request.image_token_count
+        )
         request.cache_root += self.runner.rotary.cache_root(request.prompt_len)
         tail = request.prompt_ids[-4:]
         for seq in request.seqs:
@@ -353,4 +360,3 @@ class Engine:
             vision_cache_hits=self.vision_cache.hits,
             vision_cache_misses=self.vision_cache.misses,
         )
-

@@ -12,13 +12,14 @@ each chunk that reaches its sequence's end.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
 
 import torch
 
 from model_runtime.engine import attention
-from model_runtime.engine.attention import PackedBatch, Span
+from model_runtime.engine.attention import DecodeGroup, PackedBatch, Span, group_decodes
 from model_runtime.engine.kv_cache import KVPool
 from model_runtime.engine.sampler import (
     BatchSamplingState,
@@ -47,7 +48,9 @@ class _Rotary:
     def __init__(self, lm: torch.nn.Module) -> None:
         self.module = lm.rotary_emb
         rope = lm.config.rope_parameters or {}
-        self.original = rope.get("original_max_position_embeddings") if rope.get("rope_type") == "longrope" else None
+        self.original = (
+            rope.get("original_max_position_embeddings") if rope.get("rope_type") == "longrope" else None
+        )
         if self.original is not None:
             from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
@@ -136,9 +139,9 @@ class ModelRunner:
             per_tile = features.shape[1]
             if image.features is None:
                 image.features = features.new_empty((image.num_tiles * per_tile, features.shape[-1]))
-            image.features[task.start * per_tile : task.end * per_tile] = features[offset : offset + tiles].flatten(
-                0, 1
-            )
+            image.features[task.start * per_tile : task.end * per_tile] = features[
+                offset : offset + tiles
+            ].flatten(0, 1)
             offset += tiles
             image.tiles_ready = task.end
             if image.complete:
@@ -149,7 +152,9 @@ class ModelRunner:
         vision_device = next(self.model.model.vision_tower.parameters()).device
         outputs = []
         for start in range(0, pixel_values.shape[0], self.max_vision_batch_tiles):
-            chunk = pixel_values[start : start + self.max_vision_batch_tiles].to(vision_device, self.loaded.dtype)
+            chunk = pixel_values[start : start + self.max_vision_batch_tiles].to(
+                vision_device, self.loaded.dtype
+            )
             out = self.model.model.get_image_features(pixel_values=chunk, return_dict=True)
             outputs.append(out.pooler_output.to(self.device))  # [tiles, T, hidden]
         return torch.cat(outputs)
@@ -165,13 +170,13 @@ class ModelRunner:
         return rows[start - first * size : end - first * size]
 
     def _pack(self, chunks: Seq[Chunk]) -> tuple[torch.Tensor, torch.Tensor, PackedBatch, list[tuple]]:
+        size = self.block_size
         ids: list[int] = []
         positions: list[torch.Tensor] = []
         new_slots: list[torch.Tensor] = []
-        contexts: list[torch.Tensor] = []
         spans: list[Span] = []
+        decodes: list[tuple[int, int, list[int]]] = []  # (packed row, context length, blocks)
         images: list[tuple[int, ImageSlot, int, int]] = []  # (packed row, image, first, last feature row)
-        gathered = 0
         for chunk in chunks:
             seq, start, end = chunk.seq, chunk.start, chunk.end
             if self.fault_hook is not None and start < seq.request.prompt_len:
@@ -179,25 +184,29 @@ class ModelRunner:
             row = len(ids)
             ids.extend(seq.tokens(start, end))
             positions.append(torch.arange(start, end))
-            if start == 0:
-                new_slots.append(self._slots(seq, 0, end))
-                spans.append(Span(row, row + end, 0, -1, -1))
+            new_slots.append(self._slots(seq, start, end))
+            blocks = seq.block_table[: -(-end // size)]
+            if end - start == 1 and start > 0:
+                decodes.append((row, end, blocks))
             else:
-                context = self._slots(seq, 0, end)
-                new_slots.append(context[start:])
-                contexts.append(context)
-                spans.append(Span(row, row + end - start, start, gathered, gathered + end))
-                gathered += end
+                spans.append(Span(row, row + end - start, start, torch.tensor(blocks) if start > 0 else None))
             for image in seq.request.images if start < seq.request.prompt_len else ():
                 a, b = max(start, image.start), min(end, image.end)
                 if a < b:
                     images.append((row + a - start, image, a - image.start, b - image.start))
-        batch = PackedBatch(
-            pool=self.pool,
-            slot_mapping=torch.cat(new_slots),
-            context_slots=torch.cat(contexts) if contexts else torch.empty(0, dtype=torch.long),
-            spans=spans,
-        )
+        groups = []
+        for members in group_decodes([decodes[i][1] for i in range(len(decodes))]):
+            width = max(len(decodes[i][2]) for i in members)
+            blocks = torch.zeros((len(members), width), dtype=torch.long)  # padding: block 0
+            for out, i in zip(blocks, members, strict=True):
+                out[: len(decodes[i][2])] = torch.tensor(decodes[i][2])
+            lengths = torch.tensor([decodes[i][1] for i in members])
+            mask = None
+            if bool((lengths != width * size).any()):
+                hidden = torch.arange(width * size)[None, :] >= lengths[:, None]
+                mask = torch.zeros(hidden.shape).masked_fill(hidden, float("-inf"))[:, None, None, :]
+            groups.append(DecodeGroup(torch.tensor([decodes[i][0] for i in members]), blocks, mask))
+        batch = PackedBatch(pool=self.pool, slot_mapping=torch.cat(new_slots), spans=spans, groups=groups)
         return torch.tensor(ids), torch.cat(positions), batch, images
 
     @torch.inference_mode()
@@ -221,7 +230,8 @@ class ModelRunner:
                 packed=batch,
             )
         hidden = self.lm.norm(hidden)
-        last = [span.q_end - 1 for span, chunk in zip(batch.spans, chunks, strict=True) if chunk.samples]
+        ends = list(itertools.accumulate(c.end - c.start for c in chunks))
+        last = [end - 1 for end, chunk in zip(ends, chunks, strict=True) if chunk.samples]
         return self.lm_head(hidden[0, torch.tensor(last, dtype=torch.long, device=hidden.device)])  # [S, V]
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
@@ -239,7 +249,9 @@ class ModelRunner:
         if state.any_penalty:
             for s in seqs:
                 if s.request.prompt_counts is None:
-                    s.request.prompt_counts = token_counts([s.request.prompt_ids], logits.shape[-1], logits.device)[0]
+                    s.request.prompt_counts = token_counts(
+                        [s.request.prompt_ids], logits.shape[-1], logits.device
+                    )[0]
             prompt_counts = torch.stack([s.request.prompt_counts for s in seqs])
             output_counts = token_counts([s.output_ids for s in seqs], logits.shape[-1], logits.device)
             logits = apply_penalties(

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
+import functools
 import logging
 import queue
 import threading
@@ -53,6 +55,9 @@ class Worker:
         self._state: HealthState = "starting"
         self._stop = threading.Event()
         self._stats = self.engine.stats()
+        # Outputs of the current step, per event loop: delivered with one wake-up per step and loop
+        # rather than one per request (each wake-up contends for the GIL with the next step).
+        self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
         self._thread = threading.Thread(target=self._loop, name="internvl-engine", daemon=True)
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -107,13 +112,24 @@ class Worker:
                 if engine.scheduler.has_work:
                     engine.step()
                 self._stats = engine.stats()
+                self._flush()
             except Exception:  # noqa: BLE001 - anything escaping a step leaves the device state unknown
                 log.critical("engine loop failed; marking the worker dead", exc_info=True)
                 self._state = "dead"
                 engine.fail_all(EngineDeadError("the engine failed and is restarting; retry the request"))
                 self._stats = engine.stats()
                 self._fail_pending()
+                self._flush()
                 return
+
+    def _post(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, output: RequestOutput) -> None:
+        self._outbox.setdefault(loop, []).append((queue, output))
+
+    def _flush(self) -> None:
+        outbox, self._outbox = self._outbox, {}
+        for loop, items in outbox.items():
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening any more
+                loop.call_soon_threadsafe(_deliver, items)
 
     def _drain_commands(self, *, block: bool) -> None:
         try:
@@ -163,7 +179,7 @@ class Worker:
         loop = asyncio.get_running_loop()
         request = await loop.run_in_executor(self._pool, self.processor.process, request_id, chat, params)
         outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
-        request.sink = lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out)
+        request.sink = functools.partial(self._post, loop, outputs)
         await asyncio.wrap_future(self._submit(request))
         finished = False
         try:
@@ -177,3 +193,8 @@ class Worker:
 
     async def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id, None))
+
+
+def _deliver(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for outputs, output in items:
+        outputs.put_nowait(output)
