@@ -50,16 +50,15 @@ def make_request(
 class FixedCost(StepCostModel):
     """A cost model with known costs: per step `base`, per token `token_s`, per tile `tile_s`."""
 
-    def __init__(self, target_s: float, *, max_tokens: int = 10_000, max_tiles: int = 100, **costs: float):
+    def __init__(
+        self, target_s: float | None, *, max_tokens: int = 10_000, max_tiles: int = 100, **costs: float
+    ):
         super().__init__(target_s, max_tokens=max_tokens, max_tiles=max_tiles, min_tokens=4)
-        self.base, self.token_s, self.tile = (
-            costs.get("base", 0.0),
-            costs.get("token_s", 0.001),
-            costs.get("tile_s", 0.01),
-        )
+        self.costs = (costs.get("base", 0.0), costs.get("token_s", 0.001), costs.get("pair_s", 0.0))
+        self.tile = costs.get("tile_s", 0.01)
 
-    def lm_seconds(self, tokens: int) -> float:
-        return self.base + self.token_s * tokens
+    def _weights(self) -> tuple[float, float, float]:
+        return self.costs
 
     @property
     def tile_seconds(self) -> float:
@@ -237,7 +236,27 @@ def test_step_time_budget_limits_prefill_and_tiles_only_while_decoding() -> None
     assert plan.num_tiles == 4
     prefill = plan.num_tokens - 1
     assert 4 <= prefill <= 10
-    assert sched.cost.lm_seconds(plan.num_tokens) + plan.num_tiles * 0.02 <= 0.1 + 4 * 0.001
+    assert sched.cost.lm_seconds(plan.num_tokens, 0) + plan.num_tiles * 0.02 <= 0.1 + 4 * 0.001
+
+
+def test_without_a_fixed_target_a_step_may_take_a_multiple_of_its_decodes() -> None:
+    cost = FixedCost(None, base=0.01, token_s=0.001)
+    cost.floor_s = 0.05
+    assert cost.target_s(decode_s=0.04) == pytest.approx(0.1)  # 2.5x
+    assert cost.target_s(decode_s=0.01) == 0.05  # the floor
+
+
+def test_long_contexts_buy_fewer_prefill_tokens() -> None:
+    cost = FixedCost(0.1, token_s=0.001, pair_s=1e-6)
+    assert cost.affordable_tokens(-0.01, 100) == cost.affordable_tokens(0.0, 100) == 0
+    near, far = cost.affordable_tokens(0.05, 0), cost.affordable_tokens(0.05, 3000)
+    assert far < near <= 50
+    x = far  # the chunk it allows fits, one more token would not
+    assert (
+        0.001 * x + 1e-6 * x * (2 * 3000 + x + 1) / 2
+        <= 0.05
+        < 0.001 * (x + 1) + 1e-6 * (x + 1) * (6000 + x + 2) / 2
+    )
 
 
 def test_queue_full_too_long_and_too_many_choices_are_refused() -> None:
@@ -307,7 +326,7 @@ def test_a_repeated_prompt_reuses_the_cached_prefix() -> None:
 
 def test_images_encode_in_order_within_the_tile_budget_and_gate_the_prefill() -> None:
     sched = make_scheduler(blocks=200, max_num_batched_tokens=500, max_model_len=512)
-    sched.cost = FixedCost(0.1, max_tiles=3)
+    sched.cost = FixedCost(None, max_tiles=3)
     engine = FakeEngine(sched)
     request = make_request(200, max_tokens=2, images=[("a", 5, 4, 10), ("b", 60, 2, 10)])
     sched.add(request)

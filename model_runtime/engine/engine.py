@@ -20,7 +20,7 @@ from model_runtime.engine.detokenizer import IncrementalDetokenizer
 from model_runtime.engine.kv_cache import CacheShape, KVPool, blocks_for_budget
 from model_runtime.engine.runner import ModelRunner
 from model_runtime.engine.sampler import make_generator
-from model_runtime.engine.scheduler import Chunk, Scheduler, StepCostModel, StepPlan
+from model_runtime.engine.scheduler import Chunk, Scheduler, StepCostModel, StepPlan, attention_pairs
 from model_runtime.engine.sequence import Request, Sequence
 from model_runtime.engine.vision_cache import VisionFeatureCache
 from model_runtime.errors import RequestFailedError
@@ -38,10 +38,10 @@ VISION_BATCH_TILES_GPU = 64
 # Tiles a step may encode when no sequence is decoding (nothing waits on it but the images' own
 # requests, so the bound only keeps new arrivals from waiting behind a long vision step).
 MAX_STEP_TILES = {"cpu": 16, "cuda": 128}
-# How long a step with prefill or vision work may take while sequences are decoding, when the
-# setting leaves it to the device: a CPU step of one decode token for a few streams already takes
-# tens of milliseconds on the small benchmark model, a GPU one a few.
-STEP_TARGET_MS = {"cpu": 250.0, "cuda": 60.0}
+# While sequences decode and the setting leaves the step time to the engine, a step with prefill or
+# vision work may take 2.5x what a decode-only step takes, but at least this (a CPU step of a few
+# decodes takes tens of milliseconds on the small benchmark model, one vision tile about 80 ms).
+STEP_FLOOR_MS = {"cpu": 80.0, "cuda": 30.0}
 RESERVE_FRACTION = 0.01  # of the blocks kept free at admission, for decodes to grow into
 
 
@@ -103,9 +103,12 @@ class Engine:
         kind = "cuda" if loaded.device.type == "cuda" else "cpu"
         vision_batch = VISION_BATCH_TILES_GPU if kind == "cuda" else VISION_BATCH_TILES_CPU
         self.runner = ModelRunner(loaded, self.pool, self.vision_cache, max_vision_batch_tiles=vision_batch)
-        target_ms = config.step_time_target_ms or STEP_TARGET_MS[kind]
+        target = None if config.step_time_target_ms is None else config.step_time_target_ms / 1000
         self.cost = StepCostModel(
-            target_ms / 1000, max_tokens=config.max_num_batched_tokens, max_tiles=MAX_STEP_TILES[kind]
+            target,
+            floor_s=STEP_FLOOR_MS[kind] / 1000,
+            max_tokens=config.max_num_batched_tokens,
+            max_tiles=MAX_STEP_TILES[kind],
         )
         self.scheduler = Scheduler(
             self.kv,
@@ -115,6 +118,7 @@ class Engine:
             max_model_len=loaded.max_model_len,
             max_waiting=config.max_waiting,
             reserve_blocks=reserve,
+            vision_stages=self.runner.vision.stages,
         )
         self.requests: dict[str, Request] = {}
         # Unseeded sampling draws from torch's default generator; seeding it makes a server run repeatable.
@@ -166,11 +170,15 @@ class Engine:
     # -- the step ----------------------------------------------------------------------------------
 
     def step(self) -> None:
+        started = time.perf_counter()
         plan = self.scheduler.schedule()
+        decodes = sum(c.end - c.start == 1 for c in plan.chunks)
+        decode_only = not plan.vision and decodes == len(plan.chunks)
         if plan.vision:
             self._encode(plan)
         if plan.chunks:
             self._forward(plan)
+        self.cost.observe_step(decodes, decode_only, time.perf_counter() - started)
         touched = {id(c.seq.request): c.seq.request for c in plan.chunks}
         for request in touched.values():
             if request.request_id in self.requests:  # not failed (a failure sent its own output)
@@ -179,8 +187,13 @@ class Engine:
     def _encode(self, plan: StepPlan) -> None:
         started = time.perf_counter()
         try:
-            self.runner.encode(plan.vision)
-            self.cost.observe_vision(plan.num_tiles, time.perf_counter() - started)
+            self.runner.vision.encode(plan.vision)
+            stages = self.runner.vision.stages
+            tiles = sum(
+                (t.end - t.start) if t.stages is None else (t.stages[1] - t.stages[0]) / stages
+                for t in plan.vision
+            )
+            self.cost.observe_vision(tiles, time.perf_counter() - started)
             return
         except Exception:  # noqa: BLE001 - retry one image at a time to find the request at fault
             log.warning("batched vision encoding failed; retrying per image", exc_info=True)
@@ -190,7 +203,7 @@ class Engine:
             if request is None or request.finished:
                 continue
             try:
-                self.runner.encode([task])
+                self.runner.vision.encode([task])
             except Exception as exc:  # noqa: BLE001
                 self._fail_or_die(request, exc)
         plan.chunks = [c for c in plan.chunks if not c.seq.request.finished]
@@ -205,7 +218,8 @@ class Engine:
                 raise FatalEngineError("unrecoverable device error") from exc
             self._forward_each(plan)
             return
-        self.cost.observe_lm(plan.num_tokens, time.perf_counter() - started)
+        pairs = sum(attention_pairs(c.start, c.end) for c in plan.chunks)
+        self.cost.observe_lm(plan.num_tokens, pairs, time.perf_counter() - started)
         self._postprocess(plan.chunks, logits)
 
     def _forward_each(self, plan: StepPlan) -> None:

@@ -1,13 +1,10 @@
-"""The model runner: turns a step's plan into tensors, runs vision and the LM, returns logits.
+"""The model runner: turns a step's chunks into one packed forward of the LM and samples.
 
-Vision: the plan's tiles, from every request, go through the vision tower together (in forwards of
-at most `max_vision_batch_tiles`); each image's features fill in as its tiles arrive.
-
-Language model: one packed forward per step. The step's tokens (every decode, every prefill chunk)
-are embedded as one [1, T] batch, image-context rows replaced by their images' features, and run
-through transformers' own decoder layers with explicit positions; attention is
-`attention.paged_attention` over the block pool. Logits are computed only for the last token of
-each chunk that reaches its sequence's end.
+The step's tokens (every decode, every prefill chunk) are embedded as one [1, T] batch, image-context
+rows replaced by their images' features, and run through transformers' own decoder layers with
+explicit positions; attention is `attention.paged_attention` over the block pool. Logits are
+computed only for the last token of each chunk that reaches its sequence's end. Vision work is
+`vision.VisionEncoder`'s (self.vision).
 """
 
 from __future__ import annotations
@@ -28,8 +25,9 @@ from model_runtime.engine.sampler import (
     sample,
     token_counts,
 )
-from model_runtime.engine.scheduler import Chunk, VisionTask
+from model_runtime.engine.scheduler import Chunk
 from model_runtime.engine.sequence import ImageSlot, Request, Sequence
+from model_runtime.engine.vision import VisionEncoder
 from model_runtime.engine.vision_cache import VisionFeatureCache
 from model_runtime.loading.checkpoint import LoadedCheckpoint
 
@@ -112,52 +110,11 @@ class ModelRunner:
         self.vocab_size = int(self.lm_head.weight.shape[0])
         self.pool = pool
         self.block_size = pool.block_size
-        self.vision_cache = vision_cache
-        self.max_vision_batch_tiles = max_vision_batch_tiles
+        self.vision = VisionEncoder(
+            loaded.model, loaded.dtype, vision_cache, max_batch_tiles=max_vision_batch_tiles
+        )
         self.rotary = _Rotary(self.lm)
         self.fault_hook: Callable[[Request], None] | None = None  # tests inject failures here
-
-    # -- vision ------------------------------------------------------------------------------------
-
-    @torch.inference_mode()
-    def encode(self, tasks: Seq[VisionTask]) -> None:
-        """Encode the tasks' tiles, taking whole images from the vision cache where it has them."""
-        todo: list[VisionTask] = []
-        for task in tasks:
-            image = task.image
-            if image.tiles_ready == 0 and (cached := self.vision_cache.get(image.key)) is not None:
-                image.features, image.pixel_values, image.tiles_ready = cached, None, image.num_tiles
-            elif task.start >= image.tiles_ready:
-                todo.append(task)
-        if not todo:
-            return
-        pixels = torch.cat([t.image.pixel_values[t.start : t.end] for t in todo])
-        features = self._vision_forward(pixels)  # [tiles, tokens_per_tile, hidden]
-        offset = 0
-        for task in todo:
-            image, tiles = task.image, task.end - task.start
-            per_tile = features.shape[1]
-            if image.features is None:
-                image.features = features.new_empty((image.num_tiles * per_tile, features.shape[-1]))
-            image.features[task.start * per_tile : task.end * per_tile] = features[
-                offset : offset + tiles
-            ].flatten(0, 1)
-            offset += tiles
-            image.tiles_ready = task.end
-            if image.complete:
-                image.pixel_values = None
-                self.vision_cache.put(image.key, image.features)
-
-    def _vision_forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        vision_device = next(self.model.model.vision_tower.parameters()).device
-        outputs = []
-        for start in range(0, pixel_values.shape[0], self.max_vision_batch_tiles):
-            chunk = pixel_values[start : start + self.max_vision_batch_tiles].to(
-                vision_device, self.loaded.dtype
-            )
-            out = self.model.model.get_image_features(pixel_values=chunk, return_dict=True)
-            outputs.append(out.pooler_output.to(self.device))  # [tiles, T, hidden]
-        return torch.cat(outputs)
 
     # -- language model ----------------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ max_tokens over max_model_len, which the pool always holds) is refused when it a
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -48,11 +49,27 @@ class Chunk:
 
 @dataclass(frozen=True)
 class VisionTask:
-    """Tiles [start, end) of `image` to encode this step."""
+    """Tiles [start, end) of `image` to encode this step, or only vision stages [first, last) of
+    tile `start` (then end = start + 1): engine/vision.py."""
 
     image: ImageSlot
     start: int
     end: int
+    stages: tuple[int, int] | None = None
+
+
+@dataclass
+class _Budget:
+    """What is left of one step's budget while it is planned."""
+
+    tokens: int
+    tiles: int
+    seconds: float  # inf while nothing decodes
+    prefilled: bool = False  # some prompt chunk got the guaranteed minimum already
+
+    @property
+    def spent(self) -> bool:
+        return self.tokens <= 0 or (self.seconds <= 0 and self.prefilled)
 
 
 @dataclass
@@ -70,98 +87,150 @@ class StepPlan:
 
     @property
     def num_tiles(self) -> int:
-        return sum(v.end - v.start for v in self.vision)
+        """Tiles of vision work, a slice of a tile counted as its share."""
+        return sum(v.end - v.start for v in self.vision if v.stages is None)
 
     @property
     def empty(self) -> bool:
         return not self.chunks and not self.vision
 
 
-@dataclass(frozen=True)
-class StepBudget:
-    tokens: int  # prefill tokens, beyond the decodes
-    tiles: int  # vision tiles
+def _bucket(decodes: int) -> int:
+    return 1 << (decodes - 1).bit_length()
 
 
-class _LinearFit:
-    """seconds ~ a + b * x, least squares over recent observations (exponentially forgotten)."""
+def attention_pairs(start: int, end: int) -> int:
+    """(query, key) pairs a chunk of positions [start, end) attends to: each sees every key up to its own."""
+    return (end - start) * (start + end + 1) // 2
 
-    def __init__(self, decay: float = 0.95) -> None:
+
+class _LeastSquares:
+    """seconds ~ x . w over recent observations (exponentially forgotten), for small feature vectors."""
+
+    def __init__(self, features: int, decay: float = 0.97) -> None:
         self.decay = decay
-        self.s = [0.0] * 5  # sums of w, wx, wy, wxx, wxy
+        self.xtx = [[0.0] * features for _ in range(features)]
+        self.xty = [0.0] * features
+        self.count = 0.0
 
-    def add(self, x: float, y: float) -> None:
+    def add(self, x: list[float], y: float) -> None:
         d = self.decay
-        for i, term in enumerate((1.0, x, y, x * x, x * y)):
-            self.s[i] = self.s[i] * d + term
+        for i, xi in enumerate(x):
+            self.xty[i] = self.xty[i] * d + xi * y
+            for j, xj in enumerate(x):
+                self.xtx[i][j] = self.xtx[i][j] * d + xi * xj
+        self.count = self.count * d + 1.0
 
-    def params(self) -> tuple[float, float] | None:
-        w, sx, sy, sxx, sxy = self.s
-        if w <= 0:
+    def weights(self) -> list[float] | None:
+        """Non-negative weights solving the (lightly regularized) normal equations, or None."""
+        n = len(self.xty)
+        if self.count < 1.0:
             return None
-        var = w * sxx - sx * sx
-        if var <= 1e-9 * max(1.0, w * sxx):  # all at one x: a per-unit cost only
-            return (0.0, sy / sx) if sx > 0 else None
-        b = (w * sxy - sx * sy) / var
-        a = (sy - b * sx) / w
-        if b <= 0:  # noise; fall back to the average per-unit cost
-            return (0.0, sy / sx) if sx > 0 else None
-        return max(0.0, a), b
+        a = [row[:] + [self.xty[i]] for i, row in enumerate(self.xtx)]
+        for i in range(n):
+            a[i][i] += 1e-9 * (a[i][i] + 1.0)
+        for col in range(n):  # Gauss-Jordan with partial pivoting
+            pivot = max(range(col, n), key=lambda r: abs(a[r][col]))
+            if abs(a[pivot][col]) < 1e-18:
+                return None
+            a[col], a[pivot] = a[pivot], a[col]
+            for r in range(n):
+                if r != col:
+                    f = a[r][col] / a[col][col]
+                    a[r] = [v - f * w for v, w in zip(a[r], a[col], strict=True)]
+        return [max(0.0, a[i][n] / a[i][i]) for i in range(n)]
 
 
 class StepCostModel:
-    """How long a step takes, learned from measured steps; turns a target duration into budgets.
+    """How long a step takes, learned from measured steps, and the step-time target.
 
-    The language model's time is fitted as a + b * tokens (a per-step overhead plus a cost per
-    token, prefill or decode alike), the vision tower's as seconds per tile.
+    The language model's time is fitted as a + b * tokens + c * attention pairs (a per-step
+    overhead, a cost per token for the dense layers, and one per (query, key) pair for attention,
+    which dominates long prompts); the vision tower's as seconds per tile.
+
+    While sequences decode, a step that carries prefill or vision work is held near the target: a
+    fixed one when `target_s` is set, else `stall_factor` times what recent decode-only steps took
+    (measured, not fitted: that is what the streams see between two tokens), but never less than
+    `floor_s`. So running streams slow down by a bounded factor, whatever the
+    model and the device, while new prompts still progress at least `min_tokens` and one tile a step.
     """
 
     def __init__(
         self,
-        target_s: float,
+        target_s: float | None,
         *,
         max_tokens: int,
         max_tiles: int,
+        floor_s: float = 0.1,
+        stall_factor: float = 2.5,
         min_tokens: int = 16,
-        initial_token_s: float = 1e-3,
+        initial: tuple[float, float, float] = (0.005, 1e-3, 1e-7),
         initial_tile_s: float = 0.05,
     ) -> None:
-        self.target_s = target_s
+        self.fixed_target_s = target_s
+        self.floor_s = floor_s
+        self.stall_factor = stall_factor
         self.max_tokens = max_tokens
         self.max_tiles = max_tiles
         self.min_tokens = min_tokens
-        self._lm = _LinearFit()
-        self._initial_token_s = initial_token_s
+        self._lm = _LeastSquares(3)
+        self._initial = initial
         self._tile_s: float | None = None
         self._initial_tile_s = initial_tile_s
+        # Recent decode-only step durations, by number of decodes (rounded up to a power of two).
+        self._quiet: dict[int, deque[float]] = {}
 
-    def observe_lm(self, tokens: int, seconds: float) -> None:
+    def observe_lm(self, tokens: int, pairs: int, seconds: float) -> None:
         if tokens > 0 and seconds > 0:
-            self._lm.add(float(tokens), seconds)
+            self._lm.add([1.0, float(tokens), float(pairs)], seconds)
 
-    def observe_vision(self, tiles: int, seconds: float) -> None:
+    def observe_step(self, decodes: int, decode_only: bool, seconds: float) -> None:
+        """A whole step's duration (vision, forward and sampling); decode-only ones set the pace."""
+        if decode_only and decodes > 0 and seconds > 0:
+            self._quiet.setdefault(_bucket(decodes), deque(maxlen=16)).append(seconds)
+
+    def observe_vision(self, tiles: float, seconds: float) -> None:
         if tiles > 0 and seconds > 0:
             per_tile = seconds / tiles
             self._tile_s = per_tile if self._tile_s is None else 0.8 * self._tile_s + 0.2 * per_tile
 
-    def lm_seconds(self, tokens: int) -> float:
-        fit = self._lm.params()
-        a, b = fit if fit is not None else (0.0, self._initial_token_s)
-        return a + b * tokens
+    def _weights(self) -> tuple[float, float, float]:
+        fitted = self._lm.weights()
+        if fitted is None or fitted[1] <= 0:
+            return self._initial
+        return fitted[0], fitted[1], fitted[2]
+
+    def lm_seconds(self, tokens: int, pairs: int) -> float:
+        a, b, c = self._weights()
+        return a + b * tokens + c * pairs
 
     @property
     def tile_seconds(self) -> float:
         return self._tile_s if self._tile_s is not None else self._initial_tile_s
 
-    def budget(self, decodes: int) -> StepBudget:
-        if decodes == 0:
-            return StepBudget(self.max_tokens, self.max_tiles)
-        left = self.target_s - self.lm_seconds(decodes)
-        tiles = max(1, min(self.max_tiles, int(left / self.tile_seconds)))
-        left -= tiles * self.tile_seconds
-        per_token = max(self.lm_seconds(decodes + 1) - self.lm_seconds(decodes), 1e-9)
-        tokens = max(self.min_tokens, min(self.max_tokens - decodes, int(left / per_token)))
-        return StepBudget(tokens, tiles)
+    def quiet_s(self, decodes: int) -> float | None:
+        """The median of recent decode-only steps with about as many decodes: what the streams see
+        between two tokens when nothing else runs (a median: the odd slow step does not move it)."""
+        bucket = _bucket(decodes)
+        known = sorted(self._quiet, key=lambda b: (b > bucket, abs(b - bucket)))  # this, smaller, larger
+        return statistics.median(self._quiet[known[0]]) if known else None
+
+    def target_s(self, decode_s: float) -> float:
+        """The step-time target for a step whose decodes alone take `decode_s`."""
+        if self.fixed_target_s is not None:
+            return self.fixed_target_s
+        return max(self.floor_s, self.stall_factor * decode_s)
+
+    def affordable_tokens(self, seconds: float, position: int) -> int:
+        """How many prompt tokens from `position` on fit in `seconds` (the marginal cost only)."""
+        if seconds <= 0:
+            return 0
+        _, b, c = self._weights()
+        # b x + c x (2 position + x + 1) / 2 <= seconds, solved for x
+        qa, qb = c / 2, b + c * (position + 0.5)
+        if qa <= 0:
+            return int(seconds / qb) if qb > 0 else self.max_tokens
+        return max(0, int((-qb + (qb * qb + 4 * qa * seconds) ** 0.5) / (2 * qa)))
 
 
 class Scheduler:
@@ -177,8 +246,10 @@ class Scheduler:
         max_model_len: int,
         max_waiting: int,
         reserve_blocks: int = 1,
+        vision_stages: int = 1,
     ) -> None:
         self.kv = kv
+        self.vision_stages = vision_stages  # a tile's vision work can be cut into this many slices
         self.cost = cost
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -227,19 +298,27 @@ class Scheduler:
     def schedule(self) -> StepPlan:
         plan = StepPlan()
         self._schedule_decodes(plan)
-        budget = self.cost.budget(len(plan.chunks))
-        tokens = min(budget.tokens, self.max_num_batched_tokens - len(plan.chunks))
-        tiles = budget.tiles
+        budget = _Budget(
+            tokens=self.max_num_batched_tokens - len(plan.chunks),
+            tiles=self.cost.max_tiles,
+            seconds=float("inf"),
+        )
+        if plan.chunks:
+            decodes = len(plan.chunks)
+            decode_s = self.cost.quiet_s(decodes) or self.cost.lm_seconds(
+                decodes, sum(c.end for c in plan.chunks)
+            )
+            budget.seconds = self.cost.target_s(decode_s) - decode_s
         planned: dict[int, int] = {}  # id(image) -> tiles_ready after this step's vision work
         for request in self.running:
             for seq in request.active_seqs():
-                if seq.num_pending > 1 and (tokens > 0 or tiles > 0):
-                    tokens, tiles = self._schedule_prefill(plan, seq, tokens, tiles, planned)
-        while self.waiting and (tokens > 0 or tiles > 0) and self._admit(self.waiting[0]):
+                if seq.num_pending > 1 and not budget.spent:
+                    self._schedule_prefill(plan, seq, budget, planned)
+        while self.waiting and not budget.spent and self._admit(self.waiting[0]):
             request = self.waiting.popleft()
             self.running.append(request)
             for seq in request.active_seqs():
-                tokens, tiles = self._schedule_prefill(plan, seq, tokens, tiles, planned)
+                self._schedule_prefill(plan, seq, budget, planned)
         return plan
 
     def _schedule_decodes(self, plan: StepPlan) -> None:
@@ -305,29 +384,79 @@ class Scheduler:
         return True
 
     def _schedule_prefill(
-        self, plan: StepPlan, seq: Sequence, tokens: int, tiles: int, planned: dict[int, int]
-    ) -> tuple[int, int]:
-        """Plan vision work and a prompt chunk for seq within the budgets; return what is left."""
+        self, plan: StepPlan, seq: Sequence, budget: _Budget, planned: dict[int, int]
+    ) -> None:
+        """Plan vision work and a prompt chunk for seq within the budget. The first prompt a step
+        serves gets at least one tile or `min_tokens` tokens, whatever the target: prompts always
+        progress, and a step overruns its target by at most that much."""
         start = seq.num_computed
         limit = seq.num_tokens
+        cost = self.cost
+        first = not plan.vision and not budget.prefilled
         for image in seq.request.images:
             if image.end <= start or image.start >= limit:
                 continue
-            ready = planned.get(id(image), image.tiles_ready)
-            if ready < image.num_tiles and tiles > 0:
-                take = min(tiles, image.num_tiles - ready)
-                plan.vision.append(VisionTask(image, ready, ready + take))
-                tiles -= take
-                ready += take
-                planned[id(image)] = ready
+            ready = self._plan_vision(plan, image, budget, planned, first)
+            first = first and not plan.vision
             if ready < image.num_tiles:
                 limit = min(limit, image.start + ready * (image.num_tokens // image.num_tiles))
                 break
+        tokens = budget.tokens
+        if budget.seconds != float("inf"):
+            floor = self.cost.min_tokens if first else 0
+            tokens = min(tokens, max(floor, cost.affordable_tokens(budget.seconds, start)))
         end = min(limit, start + tokens)
         if end > start:
             plan.chunks.append(Chunk(seq, start, end))
-            tokens -= end - start
-        return tokens, tiles
+            budget.tokens -= end - start
+            budget.prefilled = True
+            if budget.seconds != float("inf"):
+                _, b, c = cost._weights()
+                budget.seconds -= b * (end - start) + c * attention_pairs(start, end)
+
+    def _plan_vision(
+        self, plan: StepPlan, image: ImageSlot, budget: _Budget, planned: dict[int, int], first: bool
+    ) -> int:
+        """Plan what this step encodes of `image`; return its tiles ready after the step.
+
+        `planned` maps images planned earlier in this step to their tiles ready after it, or to -1
+        while a tile of theirs is left half-encoded (nothing more can be planned for them)."""
+        if id(image) in planned:
+            done = planned[id(image)]
+            return image.tiles_ready if done < 0 else done
+        ready, stage = image.tiles_ready, image.stage
+        tile_s = self.cost.tile_seconds
+        stage_s = tile_s / self.vision_stages
+        unlimited = budget.seconds == float("inf")
+        if ready < image.num_tiles and budget.tiles > 0 and stage > 0:  # finish the tile in progress
+            left = self.vision_stages - stage
+            take = left if unlimited else min(left, max(int(budget.seconds / stage_s), 1 if first else 0))
+            if take > 0:
+                plan.vision.append(VisionTask(image, ready, ready + 1, (stage, stage + take)))
+                budget.seconds -= take * stage_s
+                first = False
+                if take == left:
+                    ready, stage = ready + 1, 0
+                    budget.tiles -= 1
+                else:
+                    planned[id(image)] = -1
+                    return ready
+        if ready < image.num_tiles and budget.tiles > 0 and stage == 0:
+            want = image.num_tiles - ready
+            take = min(want, budget.tiles, want if unlimited else int(budget.seconds / tile_s))
+            if take > 0:
+                plan.vision.append(VisionTask(image, ready, ready + take))
+                budget.tiles -= take
+                budget.seconds -= take * tile_s
+                ready += take
+            elif first:  # not even one tile fits: a slice of one, so the image still progresses
+                part = max(1, min(self.vision_stages - 1, int(budget.seconds / stage_s)))
+                plan.vision.append(VisionTask(image, ready, ready + 1, (0, part)))
+                budget.seconds -= part * stage_s
+                planned[id(image)] = -1
+                return ready
+        planned[id(image)] = ready
+        return ready
 
     # -- results ---------------------------------------------------------------------------------
 

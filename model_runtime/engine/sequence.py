@@ -41,6 +41,8 @@ class ImageSlot:
     start: int = 0  # prompt index of its first image-context token
     num_tokens: int = 0  # image-context tokens: tiles * tokens per tile
     tiles_ready: int = 0
+    stage: int = 0  # vision stages done on tile `tiles_ready` (engine/vision.py); 0: not started
+    partial: Any | None = None  # that tile's hidden state between stages
 
     @property
     def end(self) -> int:

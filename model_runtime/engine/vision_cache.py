@@ -55,5 +55,10 @@ class VisionFeatureCache:
                 _, old = self._entries.popitem(last=False)
                 self.bytes -= old.numel() * old.element_size()
 
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self.bytes = 0
+
     def __len__(self) -> int:
         return len(self._entries)

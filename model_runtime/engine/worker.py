@@ -12,11 +12,16 @@ import asyncio
 import concurrent.futures
 import contextlib
 import functools
+import gc
+import io
 import logging
 import queue
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
+
+import numpy as np
+from PIL import Image
 
 from model_runtime.config import EngineConfig
 from model_runtime.engine.engine import Engine
@@ -25,7 +30,7 @@ from model_runtime.errors import EngineDeadError
 from model_runtime.inputs import resize
 from model_runtime.inputs.processor import Processor
 from model_runtime.loading.checkpoint import LoadedCheckpoint, load_checkpoint
-from model_runtime.request import ChatInput, EngineStats, Message, RequestOutput
+from model_runtime.request import ChatInput, EngineStats, ImageInput, Message, RequestOutput
 from model_runtime.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -50,7 +55,9 @@ class Worker:
         )
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=config.preprocess_workers, thread_name_prefix="internvl-preprocess"
+            max_workers=config.preprocess_workers,
+            thread_name_prefix="internvl-preprocess",
+            initializer=resize.lower_priority,
         )
         self._state: HealthState = "starting"
         self._stop = threading.Event()
@@ -68,20 +75,32 @@ class Worker:
         worker = cls(load_checkpoint(config), config)
         worker._thread.start()
         worker._warm_up()
+        # What exists now (the model, the tokenizer, the imports) lives as long as the process: keep
+        # it out of the cyclic collector's passes, whose pauses would stall steps.
+        gc.freeze()
         return worker
 
     def _warm_up(self) -> None:
+        """Run a text and a one-tile image request before serving: the first real request does not
+        pay for lazy initialisation, and the step cost model starts from measured times."""
         resize.matches_pillow()  # the once-per-process check, here rather than in the first request
-        request = self.processor.process(
-            "warmup",
+        noise = np.random.default_rng(0).integers(0, 255, size=(448, 448, 3), dtype=np.uint8)
+        image = io.BytesIO()
+        Image.fromarray(noise).save(image, format="PNG")
+        chats = [
             ChatInput((Message("user", ("warm up",)),)),
-            SamplingParams(max_tokens=2, temperature=0.0),
-        )
-        done = threading.Event()
-        request.sink = lambda out: done.set() if out.finished else None
-        self._submit(request).result()
-        if not done.wait(timeout=600) or self._state == "dead":
-            raise RuntimeError("the engine did not finish its warm-up request")
+            ChatInput((Message("user", (ImageInput(image.getvalue(), max_tiles=1), "warm up")),)),
+        ]
+        for index, chat in enumerate(chats):
+            request = self.processor.process(
+                f"warmup-{index}", chat, SamplingParams(max_tokens=2, temperature=0.0)
+            )
+            done = threading.Event()
+            request.sink = lambda out, done=done: done.set() if out.finished else None
+            self._submit(request).result()
+            if not done.wait(timeout=600) or self._state == "dead":
+                raise RuntimeError("the engine did not finish its warm-up requests")
+        self.engine.vision_cache.clear()  # the warm-up image is nobody's
         self._state = "ready"
 
     async def shutdown(self) -> None:

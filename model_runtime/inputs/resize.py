@@ -18,6 +18,7 @@ pass order turns the strips off (with a warning) instead of changing pixels.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -32,6 +33,7 @@ BICUBIC = Image.Resampling.BICUBIC
 PILLOW_VERSION = tuple(int(part) for part in _pillow_version.split(".")[:2])
 # Below this many source pixels per strip, a thread hand-off costs more than the strip saves.
 MIN_STRIP_PIXELS = 400_000
+MEDIA_NICE = 10  # how much lower media threads run than the engine (see lower_priority)
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +50,24 @@ def pool_size() -> int:
     return max(1, min(8, cores))
 
 
+def lower_priority() -> None:
+    """Run the calling thread at a lower OS priority (Linux: a per-thread nice value).
+
+    Media work must not take CPU from the engine thread, whose steps the running streams wait on:
+    at a lower priority it uses the cores the engine leaves idle and yields when it needs them.
+    """
+    with contextlib.suppress(AttributeError, OSError):  # not Linux, or not permitted: keep the default
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), MEDIA_NICE)
+
+
 def shared_pool() -> ThreadPoolExecutor:
     """One process-wide pool: every preprocessing thread shares it, so strips never outnumber cores."""
     global _pool
     with _pool_lock:
         if _pool is None:
-            _pool = ThreadPoolExecutor(max_workers=pool_size(), thread_name_prefix="internvl-resize")
+            _pool = ThreadPoolExecutor(
+                max_workers=pool_size(), thread_name_prefix="internvl-resize", initializer=lower_priority
+            )
         return _pool
 
 
