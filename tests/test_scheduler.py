@@ -111,9 +111,17 @@ class FakeEngine:
         plan = sched.schedule()
         for src, dst in plan.copies:
             self.cache[dst] = list(self.cache[src])
-        for task in plan.vision:
-            assert task.start == task.image.tiles_ready, "tiles are encoded in order"
-            task.image.tiles_ready = task.end
+        for task in plan.vision:  # as engine/vision.py does
+            image = task.image
+            assert task.start == image.tiles_ready, "tiles are encoded in order"
+            if task.stages is None:
+                assert image.stage == 0, "a whole tile never starts over a tile in progress"
+                image.tiles_ready = task.end
+                continue
+            first, last = task.stages
+            assert task.end == task.start + 1 and first == image.stage < last <= self.sched.vision_stages
+            image.stage = 0 if last == self.sched.vision_stages else last
+            image.tiles_ready += last == self.sched.vision_stages
         for chunk in plan.chunks:
             seq = chunk.seq
             assert (
@@ -336,6 +344,25 @@ def test_images_encode_in_order_within_the_tile_budget_and_gate_the_prefill() ->
     tiles = [[(t.image.key, t.start, t.end) for t in p.vision] for p in plans]
     assert tiles[:2] == [[("a", 0, 3)], [("a", 3, 4), ("b", 0, 2)]]
     assert plans[0].chunks[0].end == 5 + 30  # up to the first tile not yet encoded
+
+
+def test_a_tile_too_long_for_the_step_is_encoded_in_slices_of_its_stages() -> None:
+    sched = make_scheduler(blocks=200, max_model_len=512)
+    sched.vision_stages = 6
+    sched.cost = FixedCost(0.1005, base=0.0, token_s=0.0001, tile_s=0.3)  # one tile: three steps
+    engine = FakeEngine(sched)
+    streaming = make_request(8, max_tokens=100)
+    sched.add(streaming)
+    engine.step()
+    image = make_request(60, max_tokens=2, images=[("img", 4, 2, 10)])
+    sched.add(image)
+    tasks = []
+    while not image.finished:
+        plan = engine.step()
+        tasks += [(t.start, t.stages) for t in plan.vision]
+        assert plan.num_tiles == 0  # never a whole tile while a stream decodes
+    assert tasks == [(0, (0, 2)), (0, (2, 4)), (0, (4, 6)), (1, (0, 2)), (1, (2, 4)), (1, (4, 6))]
+    assert image.images[0].tiles_ready == 2 and not streaming.finished
 
 
 def test_two_different_images_share_no_blocks_but_the_same_image_does() -> None:

@@ -92,7 +92,11 @@ def _text_config(shape: TinyShape, llm: str, tokenizer):
         return AutoConfig.for_model(
             "phi3",
             rope_theta=10000.0,
-            rope_scaling={"type": "longrope", **factors},
+            rope_scaling={
+                "type": "longrope",
+                "factor": PHI3_MAX_POSITIONS / PHI3_ORIGINAL_MAX_POSITIONS,
+                **factors,
+            },
             original_max_position_embeddings=PHI3_ORIGINAL_MAX_POSITIONS,
             **common,
         )
