@@ -4,6 +4,10 @@ Both run the same random InternVL in the same process and run. The baseline is w
 does: transformers' `generate()` for one request at a time. The worker gets `concurrency` requests
 in flight through its async API. Greedy outputs are compared token for token.
 
+Every run measures the baseline and then each concurrency level, and runs are repeated
+(--repeats): the table gives the median and the range of the ratios measured within each run.
+The engine runs its default settings (only the vision cache is off: the images are distinct).
+
     python benchmarks/throughput.py                       # CPU, "small" model, fp32
     python benchmarks/throughput.py --size 1b --device cuda --dtype bfloat16 --concurrency 1 16 64
 """
@@ -14,6 +18,7 @@ import argparse
 import asyncio
 import io
 import resource
+import statistics
 import sys
 import tempfile
 import time
@@ -128,27 +133,37 @@ async def run_worker(
 
 
 def prefill_efficiency(worker: Worker, chats: list[ChatInput], workload: Workload) -> tuple[float, float]:
-    """Seconds for the engine's prefill path (batched vision + per-request LM prefill) of these
-    requests, and for one plain batched forward of the same tokens (transformers, padded batch).
+    """Seconds for the engine's prefill of these requests (batched vision, then packed forwards of
+    at most max_num_batched_tokens), and for one plain batched forward of the same tokens
+    (transformers, padded batch, as the model card's batch_chat runs it).
 
-    Run while the worker is idle: it writes into free cache slots from this thread.
+    Run while the worker is idle: it takes blocks from the pool from this thread and frees them.
     """
-    from model_runtime.engine.scheduler import PrefillChunk
+    from model_runtime.engine.scheduler import Chunk, VisionTask
 
-    model, runner = worker.loaded.model, worker.engine.runner
+    engine, model = worker.engine, worker.loaded.model
     device = worker.loaded.device
     requests = [worker.processor.process(f"pf-{i}", c, params_for(workload)) for i, c in enumerate(chats)]
     pixels = torch.cat([im.pixel_values for r in requests for im in r.images]).to(device, model.dtype)
-    for slot, request in enumerate(requests):
-        request.base_slot = slot
+    seqs = [r.seqs[0] for r in requests]
+    for seq in seqs:
+        assert engine.kv.allocate(seq, seq.num_tokens)
+    budget = engine.scheduler.max_num_batched_tokens
     with torch.inference_mode():
         sync(device)
         start = time.perf_counter()
-        runner.encode_images(requests)
-        for request in requests:
-            runner.prefill(PrefillChunk(request, 0, request.prompt_len))
+        engine.runner.vision.encode([VisionTask(im, 0, im.num_tiles) for r in requests for im in r.images])
+        batch: list[Chunk] = []
+        for seq in seqs:
+            if batch and sum(c.end for c in batch) + seq.num_tokens > budget:
+                engine.runner.forward(batch)
+                batch = []
+            batch.append(Chunk(seq, 0, seq.num_tokens))
+        engine.runner.forward(batch)
         sync(device)
         ours = time.perf_counter() - start
+        for seq in seqs:
+            engine.kv.free(seq)
         width = max(r.prompt_len for r in requests)
         ids = torch.zeros(len(requests), width, dtype=torch.long, device=device)
         mask = torch.zeros_like(ids)
@@ -175,6 +190,11 @@ def roofline_tokens_per_s(worker: Worker, chats: list[ChatInput], workload: Work
     return tokens / seconds
 
 
+def spread(values: list[float], unit: str = "") -> str:
+    """Median and range of repeated measurements."""
+    return f"{statistics.median(values):.2f}{unit} ({min(values):.2f}-{max(values):.2f})"
+
+
 def peak_memory_mib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -192,45 +212,59 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workloads", nargs="+", default=["decode", "image"], choices=sorted(WORKLOADS))
     parser.add_argument("--baseline-requests", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=2, help="requests per run = rounds x concurrency")
+    parser.add_argument("--repeats", type=int, default=3, help="runs, each with its own baseline")
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         path = write_tiny_checkpoint(tmp, layout="original", llm="qwen2", size=args.size, seed=0)
+        # Default settings, but for the vision cache: the workload's images are distinct anyway, and
+        # with max_num_seqs raised only if a concurrency level asks for more than the default.
+        defaults = EngineConfig(model=str(path))
         config = EngineConfig(
             model=str(path),
             device=args.device,
             dtype=args.dtype,
-            max_model_len=1024,
-            max_num_seqs=max(args.concurrency),
-            max_num_batched_tokens=4096,
-            kv_cache_memory_gib=None,
+            max_num_seqs=max(defaults.max_num_seqs, *args.concurrency),
             vision_cache_mib=0,
         )
         worker = Worker.start(config)
         device = worker.loaded.device
         print(f"# model: random InternVL '{args.size}', {args.dtype} on {device}; torch {torch.__version__}")
+        pool = worker.engine.pool
+        per_token = pool.total_bytes // (pool.num_blocks * pool.block_size)
         print(
-            f"# KV cache: {worker.engine.cache.num_slots} slots x {worker.engine.cache.shape.capacity} tokens"
+            f"# default settings; KV cache: {pool.num_blocks - 1} blocks x {pool.block_size} tokens "
+            f"({pool.total_bytes / 2**20:.0f} MiB, {per_token} bytes per token), "
+            f"max_model_len {worker.loaded.max_model_len}"
         )
         ok = True
         for key in args.workloads:
             workload = WORKLOADS[key]
             base_chats = make_chats(workload, args.baseline_requests)
-            base_tps, base_out = run_baseline(worker, base_chats, workload)
-            print(f"\n## {workload.name}: {workload.max_tokens} output tokens per request")
-            print(f"baseline (generate, one at a time): {base_tps:8.1f} output tok/s")
-            print("| concurrency | worker tok/s | vs baseline | greedy identical |")
-            print("|---:|---:|---:|:---:|")
-            single = None
-            for concurrency in args.concurrency:
-                count = max(args.rounds * concurrency, args.baseline_requests)
-                chats = make_chats(workload, count)
-                tps, outs = asyncio.run(run_worker(worker, chats, workload, concurrency))
-                same = all(outs[i] == base_out[i] for i in range(args.baseline_requests))
-                ok &= same
-                single = tps if concurrency == 1 else single
-                print(f"| {concurrency} | {tps:.1f} | {tps / base_tps:.2f}x | {'yes' if same else 'NO'} |")
+            print(
+                f"\n## {workload.name}: {workload.max_tokens} output tokens per request, {args.repeats} runs"
+            )
+            bases: list[float] = []
+            rows: dict[int, list[tuple[float, float]]] = {c: [] for c in args.concurrency}
+            for _ in range(args.repeats):  # the baseline, then every level, in each run
+                base_tps, base_out = run_baseline(worker, base_chats, workload)
+                bases.append(base_tps)
+                for concurrency in args.concurrency:
+                    count = max(args.rounds * concurrency, args.baseline_requests)
+                    tps, outs = asyncio.run(
+                        run_worker(worker, make_chats(workload, count), workload, concurrency)
+                    )
+                    ok &= all(outs[i] == base_out[i] for i in range(args.baseline_requests))
+                    rows[concurrency].append((tps, tps / base_tps))
+            print(f"baseline (generate, one at a time): {spread(bases)} output tok/s")
+            print(f"greedy outputs identical to the baseline's: {'yes' if ok else 'NO'}")
+            print("| concurrency | worker tok/s | vs baseline (same run) |")
+            print("|---:|---:|---:|")
+            for concurrency, values in rows.items():
+                tps, ratios = spread([v[0] for v in values]), spread([v[1] for v in values], "x")
+                print(f"| {concurrency} | {tps} | {ratios} |")
+            single = statistics.median(v[0] for v in rows[1]) if 1 in rows else None
             if single is not None and not workload.with_image:
                 roof = roofline_tokens_per_s(worker, make_chats(workload, args.baseline_requests), workload)
                 print(
@@ -238,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"measured {single:.1f} ({single / roof:.0%} of the roofline)"
                 )
             if workload.with_image:
-                count = min(max(args.concurrency), worker.engine.cache.num_slots)
+                count = max(args.concurrency)
                 ours, plain = prefill_efficiency(worker, make_chats(workload, count), workload)
                 print(
                     f"prefill of {count} image requests: engine {ours:.2f} s vs one plain batched forward "
