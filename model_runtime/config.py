@@ -46,7 +46,7 @@ class EngineOptions(BaseModel):
     enable_prefix_caching: bool = True
     """reuse the keys and values of prompt prefixes computed before (chat history, shared system prompts)"""
     step_time_target_ms: float | None = None
-    """ms a step with prefill or image work may take while streams decode; None = 2.5x the decode step"""
+    """ms a step with prefill or image work may take while streams decode; None = 3x the decode step"""
     max_waiting: int = 256
     """queued requests before new ones get 503"""
     kv_cache_memory_gib: float | None = None

@@ -57,7 +57,9 @@ def to_usage(out: RequestOutput) -> Usage:
         prompt_tokens=out.prompt_tokens,
         completion_tokens=out.completion_tokens,
         total_tokens=out.prompt_tokens + out.completion_tokens,
-        prompt_tokens_details=PromptTokensDetails(image_tokens=out.image_tokens),
+        prompt_tokens_details=PromptTokensDetails(
+            cached_tokens=out.cached_tokens, image_tokens=out.image_tokens
+        ),
     )
 
 

@@ -138,3 +138,25 @@ def test_allocate_respects_the_reserve_and_changes_nothing_when_it_cannot() -> N
 def test_a_pool_needs_a_usable_block() -> None:
     with pytest.raises(ValueError, match="at least two blocks"):
         BlockPool(1)
+
+
+def test_a_prompt_gets_a_contiguous_run_and_its_growth_continues_it() -> None:
+    kv = KVCacheManager(64, 4)
+    first, second = (make_request(list(range(10))).seqs[0] for _ in range(2))
+    assert kv.allocate(first, 10, growth=12)  # 3 blocks, then 3 reserved for the answer
+    assert kv.allocate(second, 10, growth=12)  # its own run, after first's reservation
+    assert first.block_table == [1, 2, 3] and second.block_table == [7, 8, 9]
+    for tokens in (13, 17, 21):  # first grows into its reservation
+        assert kv.allocate(first, tokens)
+    assert first.block_table == [1, 2, 3, 4, 5, 6]
+    kv.free(second)  # its unused reservation is plain free again
+    assert kv.pool.num_free == 63 - 6 and set(kv.pool.state[7:13]) == {1}
+
+
+def test_reserved_blocks_go_to_others_when_nothing_else_is_free() -> None:
+    kv = KVCacheManager(9, 4)  # 8 usable
+    holder, other = (make_request(list(range(8))).seqs[0] for _ in range(2))
+    assert kv.allocate(holder, 8, growth=100)  # 2 blocks, 6 reserved
+    assert kv.pool.num_free == 6
+    assert kv.allocate(other, 24)  # 6 blocks: only reserved ones are left, so it takes them
+    assert kv.pool.num_free == 0 and not set(holder.block_table) & set(other.block_table)

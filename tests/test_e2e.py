@@ -184,6 +184,9 @@ def test_multi_turn_with_an_image_in_an_earlier_turn(client: openai.OpenAI) -> N
     assert two.choices[0].finish_reason in ("stop", "length")
     assert image_tokens(two.usage) == TOKENS_PER_TILE
     assert two.usage.prompt_tokens > one.usage.prompt_tokens
+    # Turn 2 re-sends turn 1: its prompt comes from the prefix cache, whole blocks of 16 tokens.
+    cached = two.usage.prompt_tokens_details.cached_tokens
+    assert one.usage.prompt_tokens - 16 <= cached < two.usage.prompt_tokens and cached % 16 == 0
 
 
 def test_usage_counts_image_tokens_by_tile(client: openai.OpenAI) -> None:

@@ -24,8 +24,9 @@ Block 0 is never handed out: the runner points padding at it.
 from __future__ import annotations
 
 import hashlib
+import heapq
 from array import array
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Sequence as Seq
 
 from model_runtime.engine.sequence import Request, Sequence
@@ -42,8 +43,23 @@ def block_key(parent: bytes, tokens: Seq[int], images: Seq[tuple[str, int]] = ()
     return digest.digest()
 
 
+# Block states: held; free; cached (keyed, unreferenced); reserved (free, but kept for the growth of
+# the sequence whose blocks end right before it, and handed to others only when nothing else is free).
+_USED, _FREE, _CACHED, _RESERVED = 0, 1, 2, 3
+MAX_RESERVED_BLOCKS = 64
+
+
 class BlockPool:
-    """Reference-counted blocks with a free list and the prefix cache's index."""
+    """Reference-counted blocks with a free list and the prefix cache's index.
+
+    Allocation keeps a sequence's blocks contiguous where it can: on a CPU the runner attends over
+    a contiguous run in place, without copying it (engine/attention.py), which is most of a long
+    context's decode time. A prompt gets a run of free blocks followed by a reservation for its
+    answer (up to MAX_RESERVED_BLOCKS, never more than max_tokens needs), so that the blocks it
+    takes while decoding continue the run instead of landing wherever another sequence's growth
+    left room. A reservation is a preference, not a hold: reserved blocks count as free and go to
+    others when nothing else is free.
+    """
 
     def __init__(self, num_blocks: int) -> None:
         if num_blocks < 2:
@@ -52,7 +68,10 @@ class BlockPool:
         self.refs = [0] * num_blocks
         self.key_of: list[bytes | None] = [None] * num_blocks
         self.by_key: dict[bytes, int] = {}
-        self.free: deque[int] = deque(range(1, num_blocks))  # unkeyed and unreferenced
+        self.state = bytearray([_FREE]) * num_blocks
+        self.state[NULL_BLOCK] = _USED
+        self._free_count = num_blocks - 1
+        self._lowest: list[int] = list(range(1, num_blocks))  # heap of maybe-free ids (stale ones skipped)
         self.evictable: OrderedDict[int, None] = OrderedDict()  # keyed, unreferenced; LRU first
 
     @property
@@ -62,27 +81,78 @@ class BlockPool:
     @property
     def num_free(self) -> int:
         """Blocks that can be handed out now (evicting cached ones if need be)."""
-        return len(self.free) + len(self.evictable)
+        return self._free_count + len(self.evictable)
 
     @property
     def num_used(self) -> int:
         return self.num_usable - self.num_free
 
-    def allocate(self) -> int:
-        if self.free:
-            block = self.free.popleft()
+    def _take(self, block: int) -> int:
+        if self.state[block] in (_FREE, _RESERVED):
+            self._free_count -= 1
         else:
-            block, _ = self.evictable.popitem(last=False)  # the least recently used cached prefix
+            assert self.state[block] == _CACHED
+            del self.evictable[block]
             key = self.key_of[block]
             assert key is not None
             del self.by_key[key]
             self.key_of[block] = None
+        self.state[block] = _USED
         self.refs[block] = 1
         return block
 
+    def _continues(self, after: int | None, count: int) -> bool:
+        """Whether the `count` blocks after `after` are free or reserved (for its sequence)."""
+        if after is None or after + count >= self.num_blocks:
+            return False
+        return all(self.state[b] in (_FREE, _RESERVED) for b in range(after + 1, after + 1 + count))
+
+    def allocate(self, after: int | None = None) -> int:
+        """A block: the one right after `after` if it is free or reserved, else the lowest free one,
+        else a reserved one, else the least recently used cached one (its prefix is forgotten)."""
+        if self._continues(after, 1):
+            return self._take(after + 1)  # type: ignore[operator]
+        while self._lowest:
+            block = heapq.heappop(self._lowest)
+            if self.state[block] == _FREE:
+                return self._take(block)
+        reserved = self.state.find(bytes([_RESERVED]), 1)
+        if reserved > 0:
+            return self._take(reserved)
+        return self._take(next(iter(self.evictable)))
+
+    def allocate_run(self, count: int, after: int | None = None, reserve: int = 0) -> tuple[list[int], int]:
+        """`count` blocks, consecutive if free blocks allow (right after `after` first), and up to
+        `reserve` free blocks after them reserved; returns the blocks and the end of the reservation."""
+        if self._continues(after, count):
+            blocks = list(range(after + 1, after + 1 + count))  # type: ignore[operator]
+        else:
+            run = bytes([_FREE]) * count
+            start = self.state.find(run + bytes([_FREE]) * reserve, 1) if reserve else -1
+            start = start if start > 0 else self.state.find(run, 1)
+            if start <= 0:
+                return [self.allocate() for _ in range(count)], 0
+            blocks = list(range(start, start + count))
+        for block in blocks:
+            self._take(block)
+        end = blocks[-1] + 1
+        while end < self.num_blocks and end <= blocks[-1] + reserve and self.state[end] == _FREE:
+            self.state[end] = _RESERVED
+            end += 1
+        return blocks, end
+
+    def unreserve(self, start: int, end: int) -> None:
+        """Blocks [start, end) that are still reserved become plainly free."""
+        for block in range(start, end):
+            if self.state[block] == _RESERVED:
+                self.state[block] = _FREE
+                heapq.heappush(self._lowest, block)
+
     def retain(self, block: int) -> None:
         if self.refs[block] == 0:
-            self.evictable.pop(block, None)
+            assert self.state[block] == _CACHED
+            del self.evictable[block]
+            self.state[block] = _USED
         self.refs[block] += 1
 
     def release(self, block: int) -> None:
@@ -91,8 +161,9 @@ class BlockPool:
         if self.refs[block]:
             return
         if self.key_of[block] is None:
-            self.free.append(block)
+            self._free(block)
         else:
+            self.state[block] = _CACHED
             self.evictable[block] = None  # most recently used at the end
 
     def lookup(self, key: bytes) -> int | None:
@@ -114,7 +185,15 @@ class BlockPool:
             assert key is not None
             del self.by_key[key]
             self.key_of[block] = None
-            self.free.append(block)
+            self._free(block)
+
+    def _free(self, block: int) -> None:
+        self.state[block] = _FREE
+        self._free_count += 1
+        heapq.heappush(self._lowest, block)
+        if len(self._lowest) > 2 * self.num_blocks:  # blocks taken by runs leave stale entries
+            self._lowest = [b for b in range(1, self.num_blocks) if self.state[b] == _FREE]
+            heapq.heapify(self._lowest)
 
 
 class KVCacheManager:
@@ -182,15 +261,23 @@ class KVCacheManager:
         self.hit_tokens += matched
         return matched
 
-    def allocate(self, seq: Sequence, num_tokens: int, *, reserve: int = 0) -> bool:
+    def allocate(self, seq: Sequence, num_tokens: int, *, reserve: int = 0, growth: int = 0) -> bool:
         """Grow seq's table to hold `num_tokens` tokens, if that leaves `reserve` blocks free;
-        False (and no change) otherwise."""
+        False (and no change) otherwise. `growth`: tokens it may still add, for which blocks right
+        after the new ones are reserved if free (see BlockPool)."""
         need = self.blocks_for(num_tokens) - len(seq.block_table)
         if need <= 0:
             return True
         if need + reserve > self.pool.num_free:
             return False
-        seq.block_table.extend(self.pool.allocate() for _ in range(need))
+        last = seq.block_table[-1] if seq.block_table else None
+        if need == 1 and not growth:
+            seq.block_table.append(self.pool.allocate(last))
+            return True
+        ahead = min(MAX_RESERVED_BLOCKS, self.blocks_for(growth))
+        blocks, reserved_end = self.pool.allocate_run(need, after=last, reserve=ahead)
+        seq.block_table.extend(blocks)
+        seq.reserved_end = max(seq.reserved_end, reserved_end)
         return True
 
     def copy_on_write(self, seq: Sequence, position: int) -> tuple[int, int] | None:
@@ -201,7 +288,7 @@ class KVCacheManager:
         block = seq.block_table[index]
         if self.pool.refs[block] == 1:
             return None
-        own = self.pool.allocate()
+        own = self.pool.allocate(seq.block_table[index - 1] if index else None)
         self.pool.release(block)
         seq.block_table[index] = own
         return block, own
@@ -233,8 +320,11 @@ class KVCacheManager:
 
         Released tail first, so that under pressure a prefix's later blocks are evicted before its
         first ones (which more prompts share)."""
+        if seq.block_table and seq.reserved_end:
+            self.pool.unreserve(seq.block_table[-1] + 1, seq.reserved_end)
         for block in reversed(seq.block_table):
             self.pool.release(block)
         seq.block_table = []
+        seq.reserved_end = 0
         seq.num_computed = 0
         seq.num_keyed_blocks = 0

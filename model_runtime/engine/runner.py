@@ -16,7 +16,7 @@ from collections.abc import Sequence as Seq
 import torch
 
 from model_runtime.engine import attention
-from model_runtime.engine.attention import DecodeGroup, PackedBatch, Span, group_decodes
+from model_runtime.engine.attention import DecodeGroup, PackedBatch, Span, contiguous_runs, group_decodes
 from model_runtime.engine.kv_cache import KVPool
 from model_runtime.engine.sampler import (
     BatchSamplingState,
@@ -128,11 +128,12 @@ class ModelRunner:
 
     def _pack(self, chunks: Seq[Chunk]) -> tuple[torch.Tensor, torch.Tensor, PackedBatch, list[tuple]]:
         size = self.block_size
+        in_place = self.pool.k[0].device.type == "cpu"  # see attention.py: CPU reads the pool in place
         ids: list[int] = []
         positions: list[torch.Tensor] = []
         new_slots: list[torch.Tensor] = []
         spans: list[Span] = []
-        decodes: list[tuple[int, int, list[int]]] = []  # (packed row, context length, blocks)
+        decodes: list[tuple[int, int, list[int]]] = []  # (packed row, context length, blocks): gathered
         images: list[tuple[int, ImageSlot, int, int]] = []  # (packed row, image, first, last feature row)
         for chunk in chunks:
             seq, start, end = chunk.seq, chunk.start, chunk.end
@@ -142,16 +143,20 @@ class ModelRunner:
             ids.extend(seq.tokens(start, end))
             positions.append(torch.arange(start, end))
             new_slots.append(self._slots(seq, start, end))
-            blocks = seq.block_table[: -(-end // size)]
-            if end - start == 1 and start > 0:
-                decodes.append((row, end, blocks))
+            span = Span(row, row + end - start, start)
+            if in_place:
+                span.runs = contiguous_runs(seq.block_table, size, end if span.decode else start)
+                spans.append(span)
+            elif span.decode:
+                decodes.append((row, end, seq.block_table[: -(-end // size)]))
             else:
-                spans.append(Span(row, row + end - start, start, torch.tensor(blocks) if start > 0 else None))
+                span.blocks = torch.tensor(seq.block_table[: -(-end // size)]) if start > 0 else None
+                spans.append(span)
             for image in seq.request.images if start < seq.request.prompt_len else ():
                 a, b = max(start, image.start), min(end, image.end)
                 if a < b:
                     images.append((row + a - start, image, a - image.start, b - image.start))
-        groups = []
+        batch = PackedBatch(pool=self.pool, slot_mapping=torch.cat(new_slots), spans=spans)
         for members in group_decodes([decodes[i][1] for i in range(len(decodes))]):
             width = max(len(decodes[i][2]) for i in members)
             blocks = torch.zeros((len(members), width), dtype=torch.long)  # padding: block 0
@@ -162,8 +167,7 @@ class ModelRunner:
             if bool((lengths != width * size).any()):
                 hidden = torch.arange(width * size)[None, :] >= lengths[:, None]
                 mask = torch.zeros(hidden.shape).masked_fill(hidden, float("-inf"))[:, None, None, :]
-            groups.append(DecodeGroup(torch.tensor([decodes[i][0] for i in members]), blocks, mask))
-        batch = PackedBatch(pool=self.pool, slot_mapping=torch.cat(new_slots), spans=spans, groups=groups)
+            batch.groups.append(DecodeGroup(torch.tensor([decodes[i][0] for i in members]), blocks, mask))
         return torch.tensor(ids), torch.cat(positions), batch, images
 
     @torch.inference_mode()

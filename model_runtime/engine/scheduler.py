@@ -162,7 +162,7 @@ class StepCostModel:
         max_tokens: int,
         max_tiles: int,
         floor_s: float = 0.1,
-        stall_factor: float = 2.5,
+        stall_factor: float = 3.0,
         min_tokens: int = 16,
         initial: tuple[float, float, float] = (0.005, 1e-3, 1e-7),
         initial_tile_s: float = 0.05,
@@ -375,7 +375,8 @@ class Scheduler:
                 self.kv.free(seq)
             return False
         for seq, hit in zip(seqs, cached, strict=True):
-            assert self.kv.allocate(seq, seq.num_tokens)
+            growth = request.max_tokens - len(seq.output_ids)
+            assert self.kv.allocate(seq, seq.num_tokens, growth=growth)
             seq.num_computed = hit
             seq.status = Status.RUNNING
         if request.first_scheduled_time is None:

@@ -70,6 +70,7 @@ class Sequence:
     num_computed: int = 0  # tokens whose keys and values are in the cache
     block_hashes: list[bytes] = field(default_factory=list)  # prefix-cache keys of its full blocks
     num_keyed_blocks: int = 0  # leading blocks already registered in the prefix cache
+    reserved_end: int = 0  # blocks up to here after its last one are reserved for its growth
     finish_reason: str | None = None
     finish_reported: bool = False
     detokenizer: Any = None  # IncrementalDetokenizer
