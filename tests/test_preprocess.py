@@ -24,7 +24,7 @@ from model_runtime.inputs.tiling import (
     find_closest_aspect_ratio,
     tiles_to_tensor,
 )
-from model_runtime.inputs.video import get_index, load_video
+from model_runtime.inputs.video import get_index, load_video, probe_video
 from tests.reference import (
     ref_dynamic_preprocess,
     ref_find_closest_aspect_ratio,
@@ -483,6 +483,27 @@ def test_load_video_equals_reference(video, num_frames, max_tiles, bound):
     assert_same(pixels, expected)
 
 
+@needs_video
+@pytest.mark.parametrize(
+    ("num_frames", "max_tiles", "bound"),
+    [(8, 1, None), (4, 2, None), (6, 1, (0.5, 2.0)), (12, 1, (0.0, 0.5)), (30, 1, None)],
+)
+def test_pyav_picks_and_decodes_the_same_frames_as_decord(video, num_frames, max_tiles, bound):
+    """Where decord has no wheel, PyAV decodes: the same frame count, indices and pixels."""
+    kwargs = {"num_frames": num_frames, "max_tiles_per_frame": max_tiles, "bound": bound}
+    pixels, per_frame = load_video(video[0], reader="pyav", **kwargs)
+    expected, expected_per_frame = load_video(video[0], reader="decord", **kwargs)
+    assert per_frame == expected_per_frame
+    assert_same(pixels, expected)
+
+
+@needs_video
+def test_the_probe_reads_the_container_without_decoding(video, batch_calls):
+    info = probe_video(video[0])
+    assert (info.width, info.height, info.frames, info.fps) == (96, 48, 30, 10.0)
+    assert batch_calls == []
+
+
 @pytest.fixture
 def batch_calls(monkeypatch) -> list[list[int]]:
     """Records every VideoReader.get_batch call: the only way load_video decodes frames."""
@@ -507,14 +528,15 @@ def test_video_caps_refuse_before_decoding(video, batch_calls, caps):
 
 
 @needs_video
-def test_video_frame_size_checked_on_one_frame(video, batch_calls):
+def test_video_frame_size_checked_before_decoding(video, batch_calls):
+    """The container's declared frame size is checked before decord opens the file (which would
+    allocate for it) and before any frame is decoded."""
     with pytest.raises(MediaTooLargeError) as caught:
         load_video(video[0], num_frames=8, max_pixels_per_frame=96 * 48 - 1)
     assert "4608" in str(caught.value) and "4607" in str(caught.value)
-    assert batch_calls == [[1]]  # the first sampled frame alone
-    batch_calls.clear()
+    assert batch_calls == []
     load_video(video[0], num_frames=20, max_pixels_per_frame=96 * 48)
-    assert [len(call) for call in batch_calls] == [1, 8, 8, 3]  # then a few frames at a time
+    assert [len(call) for call in batch_calls] == [8, 8, 4]  # a few frames at a time
 
 
 BAD_VIDEOS = ["empty", "zero frames", "truncated", "garbage after header", "png", "text", "path"]

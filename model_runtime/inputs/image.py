@@ -27,6 +27,7 @@ IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 _BAD_IMAGE = "could not decode image: unsupported or corrupt data"
 _HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 _EXIF_ORIENTATION = 0x0112
+_BMP_RLE = (1, 2)  # BI_RLE8, BI_RLE4
 
 
 def too_large(what: str, pixels: int, limit: int) -> MediaTooLargeError:
@@ -60,7 +61,18 @@ def _open_image(data: bytes, max_pixels: int) -> Image.Image:
         raise MediaError(_BAD_IMAGE)
     if width * height > limit:
         raise too_large(f"image of {width}x{height}", width * height, limit)
+    if image.format == "BMP" and image.info.get("compression") in _BMP_RLE:
+        # Pillow decodes run-length BMPs in Python: a 400 KB file can take seconds of a worker.
+        raise MediaError("run-length compressed BMP images are not supported; send PNG or JPEG")
     return image
+
+
+def probe_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """(width, height) as the image will be tiled (EXIF rotation applied), from the header alone;
+    the same size checks as decoding, before any pixel is decoded."""
+    image = _open_image(data, max_pixels)
+    width, height = image.size
+    return (height, width) if _orientation(image) in (5, 6, 7, 8) else (width, height)
 
 
 def _orientation(image: Image.Image) -> int:

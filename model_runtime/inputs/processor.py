@@ -1,39 +1,76 @@
 """ChatInput -> Request: decode media into tiles, build the InternVL prompt, tokenize.
 
 Runs on a thread pool beside the engine loop (decoding a 4K JPEG takes tens of milliseconds and
-must not stall decoding). Everything here is CPU work and raises typed, client-safe errors.
+must not stall decoding). Work is done cheapest first, so that a request that cannot be served
+costs almost nothing:
+
+1. every image's and video's header is read (sizes, frame count, duration: checked against the
+   caps) and its tile count worked out from the size alone; images already in the vision cache
+   need not even that;
+2. a lower bound of the prompt's tokens (the image tokens exactly, the text at most this many
+   bytes per token) is checked against max_model_len and the request's max_tokens;
+3. only then are pixels decoded and tiled, and the prompt built and tokenized (whose exact length
+   the engine checks again).
+
+Everything raises typed, client-safe errors.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+from dataclasses import dataclass
 
 from model_runtime.config import EngineConfig
 from model_runtime.engine.sequence import ImageSlot, Request
 from model_runtime.engine.vision_cache import VisionFeatureCache
-from model_runtime.errors import InvalidRequestError, RuntimeErrorBase
-from model_runtime.inputs.image import load_image
+from model_runtime.errors import InvalidRequestError, PromptTooLongError, RuntimeErrorBase
+from model_runtime.inputs.image import load_image, probe_image
 from model_runtime.inputs.prompt import build_prompt
-from model_runtime.inputs.video import load_video
+from model_runtime.inputs.tiling import choose_grid
+from model_runtime.inputs.video import load_video, probe_video, video_tiles_per_frame
 from model_runtime.loading.checkpoint import LoadedCheckpoint
+from model_runtime.loading.tokenizer import max_token_bytes
 from model_runtime.request import ChatInput, ImageInput, VideoInput
 from model_runtime.sampling_params import SamplingParams
+
+# The text lower bound divides bytes by twice the longest token: normalization (NFC) may shorten
+# a text a little before it is tokenized.
+_TEXT_BOUND_SLACK = 2
 
 
 def _digest(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
+@dataclass
+class _Media:
+    """One image or video of the request after step 1: its cache keys and tiles per slot."""
+
+    item: ImageInput | VideoInput
+    where: str
+    keys: list[str]
+    tiles: list[int]  # per slot (an image, or one video frame)
+    max_tiles: int
+    frames: int = 1
+    cached: list[ImageSlot] | None = None
+
+
 class Processor:
     """Prepares requests for one loaded checkpoint."""
 
     def __init__(
-        self, loaded: LoadedCheckpoint, config: EngineConfig, vision_cache: VisionFeatureCache | None = None
+        self,
+        loaded: LoadedCheckpoint,
+        config: EngineConfig,
+        vision_cache: VisionFeatureCache | None = None,
     ) -> None:
         self.loaded = loaded
         self.config = config
         self.vision_cache = vision_cache
+        self.bytes_per_token = _TEXT_BOUND_SLACK * max_token_bytes(loaded.tokenizer)
+
+    # -- step 1: headers ---------------------------------------------------------------------------
 
     def _cached(self, key: str) -> ImageSlot | None:
         """An image slot whose features are already known: no decode, no tiling, no vision pass.
@@ -52,58 +89,42 @@ class Processor:
             return self.loaded.max_tiles
         return max(1, min(requested, self.config.max_tiles_ceiling))
 
-    def _image(self, item: ImageInput) -> tuple[list[ImageSlot], list[int]]:
-        max_tiles = self.clamp_tiles(item.max_tiles)
-        key = f"{_digest(item.data)}:img:{max_tiles}"
-        if (hit := self._cached(key)) is not None:
-            return [hit], [hit.num_tiles]
-        pixels = load_image(
-            item.data,
-            max_tiles=max_tiles,
-            min_tiles=min(self.loaded.min_tiles, max_tiles),
-            image_size=self.loaded.image_size,
-            use_thumbnail=self.loaded.use_thumbnail,
-            max_pixels=self.config.max_image_pixels,
-            fast_jpeg_draft=self.config.fast_jpeg_draft,
-            parallel=True,  # resizes in strips on every core, large JPEGs while they decode; same pixels
+    def _tiles(self, width: int, height: int, max_tiles: int, min_tiles: int) -> int:
+        loaded = self.loaded
+        cols, rows = choose_grid(
+            width, height, min_tiles=min_tiles, max_tiles=max_tiles, image_size=loaded.image_size
         )
-        return [ImageSlot(key=key, num_tiles=pixels.shape[0], pixel_values=pixels)], [pixels.shape[0]]
+        return cols * rows + int(loaded.use_thumbnail and cols * rows != 1)
 
-    def _video(self, item: VideoInput) -> tuple[list[ImageSlot], list[int]]:
-        frames = max(
-            1, min(item.num_frames or self.config.frames_per_video, self.config.max_frames_per_video)
-        )
-        tiles = max(
-            1, min(item.max_tiles_per_frame or self.config.tiles_per_frame, self.config.max_tiles_ceiling)
-        )
+    def _plan_image(self, item: ImageInput, where: str, salt: str) -> _Media:
+        max_tiles = self.clamp_tiles(item.max_tiles)
+        key = f"{salt}{_digest(item.data)}:img:{max_tiles}"
+        if (hit := self._cached(key)) is not None:
+            return _Media(item, where, [key], [hit.num_tiles], max_tiles, cached=[hit])
+        width, height = probe_image(item.data, max_pixels=self.config.max_image_pixels)
+        tiles = self._tiles(width, height, max_tiles, min(self.loaded.min_tiles, max_tiles))
+        return _Media(item, where, [key], [tiles], max_tiles)
+
+    def _plan_video(self, item: VideoInput, where: str, salt: str) -> _Media:
+        config = self.config
+        frames = max(1, min(item.num_frames or config.frames_per_video, config.max_frames_per_video))
+        max_tiles = max(1, min(item.max_tiles_per_frame or config.tiles_per_frame, config.max_tiles_ceiling))
         digest = _digest(item.data)
-        keys = [f"{digest}:vid:{frames}:{tiles}:{item.bound}:{i}" for i in range(frames)]
+        keys = [f"{salt}{digest}:vid:{frames}:{max_tiles}:{item.bound}:{i}" for i in range(frames)]
         hits = [self._cached(key) for key in keys]
         if all(hit is not None for hit in hits):
-            return hits, [hit.num_tiles for hit in hits]
-        pixels, per_frame = load_video(
+            return _Media(item, where, keys, [h.num_tiles for h in hits], max_tiles, frames, cached=hits)  # type: ignore[union-attr]
+        info = probe_video(
             item.data,
-            num_frames=frames,
-            max_tiles_per_frame=tiles,
-            bound=item.bound,
-            image_size=self.loaded.image_size,
-            use_thumbnail=self.loaded.use_thumbnail,
-            max_frames_in_file=self.config.max_video_frames_in_file,
-            max_duration_s=self.config.max_video_duration_s,
-            max_pixels_per_frame=self.config.max_image_pixels,
+            max_frames_in_file=config.max_video_frames_in_file,
+            max_duration_s=config.max_video_duration_s,
+            max_pixels_per_frame=config.max_image_pixels,
         )
-        slots, offset = [], 0
-        for key, count in zip(keys, per_frame, strict=True):
-            slots.append(ImageSlot(key=key, num_tiles=count, pixel_values=pixels[offset : offset + count]))
-            offset += count
-        return slots, list(per_frame)
+        per_frame = video_tiles_per_frame(info, max_tiles, self.loaded.image_size, self.loaded.use_thumbnail)
+        return _Media(item, where, keys, [per_frame] * frames, max_tiles, frames)
 
-    def process(self, request_id: str, chat: ChatInput, params: SamplingParams) -> Request:
-        """Decode media, build and tokenize the prompt; raises InvalidRequestError / MediaError."""
-        if not chat.messages:
-            raise InvalidRequestError("messages must contain at least one message", param="messages")
-        slots: list[ImageSlot] = []
-        media_tiles: list[list[int]] = []
+    def _plan(self, chat: ChatInput, salt: str) -> list[_Media]:
+        planned: list[_Media] = []
         for i, message in enumerate(chat.messages):
             for j, part in enumerate(message.parts):
                 if isinstance(part, str):
@@ -115,20 +136,95 @@ class Processor:
                         param=where,
                     )
                 try:
-                    load = self._image if isinstance(part, ImageInput) else self._video
-                    new_slots, tiles = load(part)
+                    plan = self._plan_image if isinstance(part, ImageInput) else self._plan_video
+                    planned.append(plan(part, where, salt))
                 except RuntimeErrorBase as exc:
                     exc.param = exc.param or where  # with several images, say which one was bad
                     raise
-                slots.extend(new_slots)
-                media_tiles.append(tiles)
+        return planned
+
+    # -- step 2: the token budget ------------------------------------------------------------------
+
+    def _check_lower_bound(self, chat: ChatInput, media: list[_Media], params: SamplingParams) -> None:
+        image_tokens = sum(self.loaded.tokens_per_tile * t for m in media for t in m.tiles)
+        text_bytes = sum(len(p.encode("utf-8")) for m in chat.messages for p in m.parts if isinstance(p, str))
+        at_least = image_tokens + text_bytes // self.bytes_per_token
+        limit = self.loaded.max_model_len
+        wanted = params.max_tokens or 1
+        if at_least + wanted > limit:
+            images = f", {image_tokens} of them image tokens" if image_tokens else ""
+            raise PromptTooLongError(
+                f"the prompt has at least {at_least} tokens{images}; with max_tokens {wanted} that exceeds "
+                f"max_model_len {limit}",
+                param="messages",
+            )
+
+    # -- step 3: pixels, prompt, tokens ------------------------------------------------------------
+
+    def _decode(self, media: _Media) -> list[ImageSlot]:
+        if media.cached is not None:
+            return media.cached
+        loaded, config = self.loaded, self.config
+        if isinstance(media.item, ImageInput):
+            pixels = load_image(
+                media.item.data,
+                max_tiles=media.max_tiles,
+                min_tiles=min(loaded.min_tiles, media.max_tiles),
+                image_size=loaded.image_size,
+                use_thumbnail=loaded.use_thumbnail,
+                max_pixels=config.max_image_pixels,
+                fast_jpeg_draft=config.fast_jpeg_draft,
+                parallel=True,  # resizes in strips on every core; same pixels
+            )
+            return [ImageSlot(key=media.keys[0], num_tiles=pixels.shape[0], pixel_values=pixels)]
+        pixels, per_frame = load_video(
+            media.item.data,
+            num_frames=media.frames,
+            max_tiles_per_frame=media.max_tiles,
+            bound=media.item.bound,
+            image_size=loaded.image_size,
+            use_thumbnail=loaded.use_thumbnail,
+            max_frames_in_file=config.max_video_frames_in_file,
+            max_duration_s=config.max_video_duration_s,
+            max_pixels_per_frame=config.max_image_pixels,
+        )
+        slots, offset = [], 0
+        for key, count in zip(media.keys, per_frame, strict=True):
+            slots.append(ImageSlot(key=key, num_tiles=count, pixel_values=pixels[offset : offset + count]))
+            offset += count
+        return slots
+
+    def process(
+        self, request_id: str, chat: ChatInput, params: SamplingParams, *, cache_salt: str = ""
+    ) -> Request:
+        """Check, decode media, build and tokenize the prompt; raises InvalidRequestError,
+        MediaError, MediaTooLargeError or PromptTooLongError. `cache_salt` keeps this request's
+        images and prefixes apart from other tenants' in the caches."""
+        if not chat.messages:
+            raise InvalidRequestError("messages must contain at least one message", param="messages")
+        salt = f"{hashlib.blake2b(cache_salt.encode(), digest_size=8).hexdigest()}:" if cache_salt else ""
+        media = self._plan(chat, salt)
+        self._check_lower_bound(chat, media, params)
+        slots: list[ImageSlot] = []
+        media_tiles: list[list[int]] = []
+        for item in media:
+            try:
+                new = self._decode(item)
+            except RuntimeErrorBase as exc:
+                exc.param = exc.param or item.where
+                raise
+            slots.extend(new)
+            media_tiles.append([slot.num_tiles for slot in new])
+        loaded = self.loaded
         prompt = build_prompt(
-            self.loaded.template,
+            loaded.template,
             chat.messages,
             media_tiles,
-            self.loaded.tokenizer,
-            tokens_per_tile=self.loaded.tokens_per_tile,
-            image_context_id=self.loaded.image_context_id,
+            loaded.tokenizer,
+            tokens_per_tile=loaded.tokens_per_tile,
+            image_context_id=loaded.image_context_id,
+            image_start_id=loaded.image_start_id,
+            image_end_id=loaded.image_end_id,
         )
         for slot, (start, count) in zip(slots, prompt.image_spans, strict=True):
             slot.start, slot.num_tokens = start, count
@@ -136,7 +232,7 @@ class Processor:
                 slot.tiles_ready = slot.num_tiles
         stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos:
-            stop_ids.update(self.loaded.stop_token_ids)
+            stop_ids.update(loaded.stop_token_ids)
         params = dataclasses.replace(params, extra_stop_token_ids=tuple(sorted(stop_ids)))
         return Request(
             request_id=request_id,
@@ -145,4 +241,5 @@ class Processor:
             max_tokens=params.max_tokens or 0,
             images=slots,
             image_token_count=prompt.image_token_count,
+            cache_root=salt.encode(),
         )

@@ -1,13 +1,20 @@
 """Video frames, bounded: encoded bytes -> the reference's sampled frames -> tiles.
 
-Equal to the model cards' `load_video` (decord, `get_index`, `dynamic_preprocess` per frame). Frame
-count, fps and duration are checked from the container before any frame is decoded.
+Equal to the model cards' `load_video` (decord, `get_index`, `dynamic_preprocess` per frame). Before
+any frame is decoded, the container's own metadata is read with PyAV's demuxer (frame size, frame
+count, frame rate, duration) and checked against the caps: decord allocates buffers for the
+declared frame size when it opens a file, so a 5 MB file declaring 16000x16000 frames must be
+refused before that. Frames are decoded with decord where it is installed (what the model cards
+use); elsewhere (no decord wheel for aarch64 Linux or macOS) with PyAV, which picks the same frames:
+the same `get_index` over the same frame count, frames counted in presentation order.
 """
 
 from __future__ import annotations
 
 import io
 import math
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -22,6 +29,20 @@ DEFAULT_MAX_FRAMES_IN_FILE = 100_000
 DEFAULT_MAX_DURATION_S = 3600.0
 _BAD_VIDEO = "could not decode video: unsupported or corrupt data"
 _FRAME_BATCH = 8  # video frames decoded per get_batch call
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """What the container declares, read without decoding a frame."""
+
+    width: int
+    height: int
+    frames: int
+    fps: float
+
+    @property
+    def duration_s(self) -> float:
+        return self.frames / self.fps
 
 
 def get_index(
@@ -58,15 +79,143 @@ def _looks_like_video(data: bytes) -> bool:
     )
 
 
-def _decode_frames(reader: Any, indices: np.ndarray) -> np.ndarray:
+def _open_container(data: bytes) -> Any:
+    import av
+
     try:
-        batch = reader.get_batch([int(i) for i in indices])
-        frames = batch.asnumpy() if hasattr(batch, "asnumpy") else np.asarray(batch)
-    except Exception:
+        container = av.open(io.BytesIO(data), mode="r")
+    except Exception:  # noqa: BLE001 - PyAV raises many error classes for bad input
         raise MediaError(_BAD_VIDEO) from None
-    if frames.ndim != 4 or frames.shape[0] != len(indices) or frames.shape[-1] != 3:
+    if not container.streams.video:
+        container.close()
+        raise MediaError("could not decode video: it has no video stream")
+    return container
+
+
+def probe_video(
+    data: bytes,
+    *,
+    max_frames_in_file: int = DEFAULT_MAX_FRAMES_IN_FILE,
+    max_duration_s: float = DEFAULT_MAX_DURATION_S,
+    max_pixels_per_frame: int = DEFAULT_MAX_PIXELS,
+) -> VideoInfo:
+    """The container's frame size, count and rate, checked against the caps; no frame is decoded."""
+    if not data or not _looks_like_video(data):
         raise MediaError(_BAD_VIDEO)
-    return frames  # [n, H, W, 3] uint8
+    container = _open_container(data)
+    try:
+        stream = container.streams.video[0]
+        width, height = int(stream.codec_context.width or 0), int(stream.codec_context.height or 0)
+        rate = stream.average_rate or stream.guessed_rate
+        fps = float(rate) if rate else 0.0
+        frames = int(stream.frames or 0)
+        if frames <= 0 and stream.duration and stream.time_base and fps > 0:
+            frames = round(float(stream.duration * stream.time_base) * fps)
+        if frames <= 0 and container.duration and fps > 0:  # microseconds
+            frames = round(container.duration / 1_000_000 * fps)
+    except MediaError:
+        raise
+    except Exception:  # noqa: BLE001
+        raise MediaError(_BAD_VIDEO) from None
+    finally:
+        container.close()
+    if width < 1 or height < 1:
+        raise MediaError("could not decode video: no valid frame size")
+    if width * height > max_pixels_per_frame:
+        raise too_large(f"video frame of {width}x{height}", width * height, max_pixels_per_frame)
+    if not math.isfinite(fps) or fps <= 0:
+        raise MediaError("could not decode video: no valid frame rate")
+    if frames > max_frames_in_file:
+        raise MediaTooLargeError(f"video has {frames} frames, more than the limit of {max_frames_in_file}")
+    info = VideoInfo(width, height, max(frames, 1), fps)
+    if info.duration_s > max_duration_s:
+        raise MediaTooLargeError(
+            f"video lasts {info.duration_s:.1f} s, longer than the limit of {max_duration_s:g} s"
+        )
+    return info
+
+
+def video_tiles_per_frame(
+    info: VideoInfo, max_tiles_per_frame: int, image_size: int, use_thumbnail: bool
+) -> int:
+    """Tiles each sampled frame becomes, from the declared frame size alone."""
+    cols, rows = choose_grid(
+        info.width, info.height, min_tiles=1, max_tiles=max_tiles_per_frame, image_size=image_size
+    )
+    return cols * rows + int(use_thumbnail and cols * rows != 1)
+
+
+class _Decord:
+    """Frames through decord, as the model cards read them."""
+
+    def __init__(self, data: bytes) -> None:
+        from decord import VideoReader, cpu
+
+        try:
+            self.reader = VideoReader(io.BytesIO(data), ctx=cpu(0), num_threads=1)
+            self.frames = len(self.reader)
+            self.fps = float(self.reader.get_avg_fps())
+        except Exception:  # decord raises RuntimeError, DECORDError or AssertionError (zero frames)
+            raise MediaError(_BAD_VIDEO) from None
+
+    def decode(self, indices: np.ndarray) -> Iterator[np.ndarray]:
+        """Frames [H, W, 3] uint8 at the (sorted, distinct) indices, a few at a time."""
+        for start in range(0, len(indices), _FRAME_BATCH):
+            wanted = indices[start : start + _FRAME_BATCH]
+            try:
+                batch = self.reader.get_batch([int(i) for i in wanted])
+                frames = batch.asnumpy() if hasattr(batch, "asnumpy") else np.asarray(batch)
+            except Exception:
+                raise MediaError(_BAD_VIDEO) from None
+            if frames.ndim != 4 or frames.shape[0] != len(wanted) or frames.shape[-1] != 3:
+                raise MediaError(_BAD_VIDEO)
+            yield from frames
+
+
+class _PyAV:
+    """Frames through PyAV where decord is not installed: frames counted in presentation order (as
+    decord indexes them), the count from the demuxed packets, the rate from the stream."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        container = _open_container(data)
+        try:
+            stream = container.streams.video[0]
+            rate = stream.average_rate or stream.guessed_rate
+            self.fps = float(rate) if rate else 0.0
+            self.frames = sum(1 for packet in container.demux(stream) if packet.size)
+        except Exception:  # noqa: BLE001
+            raise MediaError(_BAD_VIDEO) from None
+        finally:
+            container.close()
+
+    def decode(self, indices: np.ndarray) -> Iterator[np.ndarray]:
+        container = _open_container(self.data)
+        wanted = iter(int(i) for i in indices)
+        target = next(wanted, None)
+        try:
+            for position, frame in enumerate(container.decode(video=0)):
+                while target is not None and target == position:
+                    yield frame.to_ndarray(format="rgb24")
+                    target = next(wanted, None)
+                if target is None:
+                    return
+        except MediaError:
+            raise
+        except Exception:  # noqa: BLE001
+            raise MediaError(_BAD_VIDEO) from None
+        finally:
+            container.close()
+        if target is not None:
+            raise MediaError(_BAD_VIDEO)
+
+
+def _reader(data: bytes) -> _Decord | _PyAV:
+    try:
+        import decord  # noqa: F401
+    except ImportError:
+        return _PyAV(data)
+    return _Decord(data)
 
 
 def load_video(
@@ -80,12 +229,13 @@ def load_video(
     max_frames_in_file: int = DEFAULT_MAX_FRAMES_IN_FILE,
     max_duration_s: float = DEFAULT_MAX_DURATION_S,
     max_pixels_per_frame: int = DEFAULT_MAX_PIXELS,
+    reader: str = "auto",
 ) -> tuple[torch.Tensor, list[int]]:
     """Encoded video -> (pixel values of all sampled frames concatenated, tiles per frame).
 
-    Equal to the reference `load_video` (decord, get_index, dynamic_preprocess per frame). Frame
-    count, fps and duration are checked from the container before any frame is decoded; decord has
-    no frame-size metadata, so the size is checked on the first sampled frame before the others.
+    Equal to the reference `load_video` (decord, get_index, dynamic_preprocess per frame); caps are
+    checked on the container's metadata before any frame is decoded (probe_video). `reader`: auto
+    (decord if installed, else PyAV), decord or pyav.
     """
     if num_frames < 1:
         raise InvalidRequestError(f"num_frames must be at least 1, got {num_frames}", param="num_frames")
@@ -94,56 +244,45 @@ def load_video(
         len(bound) == 2 and all(math.isfinite(t) for t in bound) and bound[0] <= bound[1]
     ):
         raise InvalidRequestError("bound must be (start, end) in seconds with start <= end", param="bound")
-    if not data or not _looks_like_video(data):
-        raise MediaError(_BAD_VIDEO)
-    try:
-        # Imported here: images keep working where decord has no wheel, and its ffmpeg loads on first use.
-        from decord import VideoReader, cpu
-    except ImportError:
-        raise MediaError("video input is not supported by this server (decord is not installed)") from None
-
-    try:
-        reader = VideoReader(io.BytesIO(data), ctx=cpu(0), num_threads=1)
-        frame_count = len(reader)
-        fps = float(reader.get_avg_fps())
-    except Exception:  # decord raises RuntimeError, DECORDError or AssertionError (zero frames)
-        raise MediaError(_BAD_VIDEO) from None
+    info = probe_video(
+        data,
+        max_frames_in_file=max_frames_in_file,
+        max_duration_s=max_duration_s,
+        max_pixels_per_frame=max_pixels_per_frame,
+    )
+    source = {"auto": _reader, "decord": _Decord, "pyav": _PyAV}[reader](data)
+    frame_count, fps = source.frames, source.fps
     if frame_count < 1:
         raise MediaError("could not decode video: it has no frames")
     if not math.isfinite(fps) or fps <= 0:
         raise MediaError("could not decode video: no valid frame rate")
-    if frame_count > max_frames_in_file:
+    if frame_count > max_frames_in_file:  # the reader's own count, should the container's have lied
         raise MediaTooLargeError(
             f"video has {frame_count} frames, more than the limit of {max_frames_in_file}"
-        )
-    duration = frame_count / fps
-    if duration > max_duration_s:
-        raise MediaTooLargeError(
-            f"video lasts {duration:.1f} s, longer than the limit of {max_duration_s:g} s"
         )
     indices = get_index(bound, fps, frame_count - 1, first_idx=0, num_segments=num_frames)
     if indices.min() < 0 or indices.max() > frame_count - 1:
         # Only a bound outside the video gets here (the reference would then fail inside decord).
         raise InvalidRequestError(
-            f"bound {bound} lies outside the video, which lasts {duration:.2f} s", param="bound"
+            f"bound {bound} lies outside the video, which lasts {frame_count / fps:.2f} s", param="bound"
         )
-    # Decode each distinct frame once, in file order: the first alone (to check its size before the
-    # others), then a few at a time, tiling each batch before the next so that only a handful of
-    # full-resolution frames is ever held.
+    cols, rows = choose_grid(
+        info.width, info.height, min_tiles=1, max_tiles=max_tiles_per_frame, image_size=image_size
+    )
+    # Each distinct frame is decoded once, in file order, and tiled before the next is decoded, so
+    # that only a handful of full-resolution frames is ever held.
     unique, inverse = np.unique(indices, return_inverse=True)
-    first = _decode_frames(reader, unique[:1])
-    height, width = first.shape[1:3]
-    if width * height > max_pixels_per_frame:
-        raise too_large(f"video frame of {width}x{height}", width * height, max_pixels_per_frame)
-    cols, rows = choose_grid(width, height, min_tiles=1, max_tiles=max_tiles_per_frame, image_size=image_size)
     per_frame: list[torch.Tensor] = []
-
-    def tile(frames: np.ndarray) -> None:
-        for frame in frames:
-            per_frame.append(grid_tensor(Image.fromarray(frame), cols, rows, image_size, use_thumbnail))
-
-    tile(first)
-    for start in range(1, len(unique), _FRAME_BATCH):
-        tile(_decode_frames(reader, unique[start : start + _FRAME_BATCH]))
+    for frame in source.decode(unique):
+        if frame.shape[:2] != (info.height, info.width):  # the container declared another size
+            height, width = frame.shape[:2]
+            if width * height > max_pixels_per_frame:
+                raise too_large(f"video frame of {width}x{height}", width * height, max_pixels_per_frame)
+            cols, rows = choose_grid(
+                width, height, min_tiles=1, max_tiles=max_tiles_per_frame, image_size=image_size
+            )
+        per_frame.append(grid_tensor(Image.fromarray(frame), cols, rows, image_size, use_thumbnail))
+    if len(per_frame) != len(unique):
+        raise MediaError(_BAD_VIDEO)
     order = inverse.reshape(-1)
     return torch.cat([per_frame[k] for k in order]), [per_frame[k].shape[0] for k in order]

@@ -43,6 +43,8 @@ class LoadedCheckpoint:
     max_tiles: int
     use_thumbnail: bool
     image_context_id: int
+    image_start_id: int  # <img>
+    image_end_id: int  # </img>
     stop_token_ids: tuple[int, ...]
     max_model_len: int
     device: torch.device
@@ -136,8 +138,7 @@ def load_checkpoint(engine: EngineConfig) -> LoadedCheckpoint:
     tokenizer = load_tokenizer(path)
     config = parsed.config
     config.image_token_id = token_id(tokenizer, "<IMG_CONTEXT>", path)
-    for token in ("<img>", "</img>"):
-        token_id(tokenizer, token, path)
+    image_start, image_end = (token_id(tokenizer, token, path) for token in ("<img>", "</img>"))
     template = _choose_template(engine, parsed, path)
     device, dtype = pick_device_and_dtype(engine)
     config._attn_implementation = pick_attn_implementation(engine.attn_implementation, device)
@@ -177,6 +178,8 @@ def load_checkpoint(engine: EngineConfig) -> LoadedCheckpoint:
         max_tiles=min(engine.max_tiles_per_image or parsed.max_tiles, engine.max_tiles_ceiling),
         use_thumbnail=parsed.use_thumbnail,
         image_context_id=config.image_token_id,
+        image_start_id=image_start,
+        image_end_id=image_end,
         stop_token_ids=tuple(sorted(stop_ids)),
         max_model_len=max_len,
         device=device,

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from model_runtime.errors import CheckpointError
-from model_runtime.loading.sp_tokenizer import load_sentencepiece_tokenizer
+from model_runtime.loading.sp_tokenizer import SentencePieceTokenizer, load_sentencepiece_tokenizer
 
 _SENTENCEPIECE_CLASSES = {"LlamaTokenizer": "llama", "LlamaTokenizerFast": "llama"}
 
@@ -77,3 +77,19 @@ def token_id(tokenizer, token: str, path: Path) -> int:
     if token_id is None or token_id == tokenizer.unk_token_id:
         raise CheckpointError(f"{path}: the tokenizer has no {token!r} token, which InternVL prompts need")
     return int(token_id)
+
+
+def max_token_bytes(tokenizer) -> int:
+    """An upper bound on the UTF-8 bytes of text one token stands for, over the whole vocabulary
+    (added tokens included): a text of n bytes is at least n / this many tokens. Prompt building
+    uses it to refuse a text that cannot fit the context before tokenizing it."""
+    if isinstance(tokenizer, SentencePieceTokenizer):
+        pieces = [tokenizer.sp.id_to_piece(i) for i in range(tokenizer.vocab_size)]
+        pieces += list(tokenizer.all_special_tokens) + tokenizer.convert_ids_to_tokens(
+            range(tokenizer.vocab_size, len(tokenizer))
+        )
+    else:
+        pieces = list(tokenizer.get_vocab())
+    # Byte-level BPE writes a byte as one character of up to 2 UTF-8 bytes, SentencePiece a space
+    # as "▁" (3 bytes): the encoded piece is never shorter than the text it stands for.
+    return max(len(piece.encode("utf-8", "surrogatepass")) for piece in pieces)
