@@ -5,8 +5,10 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
+from pydantic import BaseModel
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 
@@ -16,6 +18,7 @@ from server.errors import install_error_handlers
 from server.media import MediaFetcher
 from server.metrics import Metrics
 from server.middleware import APIKeyMiddleware, BodyLimitMiddleware, DrainMiddleware, RequestContextMiddleware
+from server.protocol import ChatCompletionRequest
 from server.routes import router
 from server.settings import Settings
 from server.state import ServerState
@@ -67,7 +70,27 @@ def create_app(
     app.state.server = state
     install_error_handlers(app)
     app.include_router(router)
+    _document_request_bodies(app, [ChatCompletionRequest])
     return app
+
+
+def _document_request_bodies(app: FastAPI, models: list[type[BaseModel]]) -> None:
+    """Routes that parse their bodies themselves (server/request_parsing.py) refer to their models
+    by name in /openapi.json; this puts those models (and what they use) into its components."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = generate()
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in models:
+                body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(body.pop("$defs", {}))
+                components[model.__name__] = body
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def begin_drain(app: FastAPI) -> None:

@@ -27,7 +27,7 @@ from model_runtime.errors import InvalidRequestError
 from model_runtime.request import ChatInput, ImageInput, Message, Part, RequestOutput, VideoInput
 from model_runtime.sampling_params import SamplingParams
 from server.chat_output import ChunkWriter, CompletionBuilder, StreamState
-from server.errors import BadRequestError, NotFoundError, ServiceUnavailableError, to_api_error
+from server.errors import BadRequestError, NotFoundError, ServiceUnavailableError, printable, to_api_error
 from server.media import MediaFetcher, MediaKind
 from server.metrics import Metrics, RequestTracker
 from server.protocol import (
@@ -213,7 +213,9 @@ class ChatService:
         if name is None:
             return self._model_names[0]
         if name not in self._model_names:
-            raise NotFoundError(f"The model '{name}' does not exist.", param="model", code="model_not_found")
+            raise NotFoundError(
+                f"The model '{printable(name)}' does not exist.", param="model", code="model_not_found"
+            )
         return name
 
     async def create(self, req: ChatCompletionRequest, request: Request) -> Response:

@@ -147,6 +147,11 @@ def from_runtime_error(exc: RuntimeErrorBase) -> APIError:
     return InternalServerError()
 
 
+def printable(text: str) -> str:
+    """Client text safe to echo in an error message: what UTF-8 cannot encode is escaped."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def to_api_error(exc: BaseException) -> APIError:
     """Any exception -> the APIError to send; unexpected ones are logged with their traceback."""
     if isinstance(exc, APIError):

@@ -167,6 +167,10 @@ class MediaFetcher:
             )
         except (asyncio.TimeoutError, httpx.TimeoutException):
             raise MediaError(f"Timed out fetching the {kind} URL.", param=param) from None
+        except httpx.InvalidURL:  # a redirect to data:, mailto:, javascript:... (httpx parses it eagerly)
+            raise MediaError(
+                f"The {kind} URL redirected to a URL that is not http:// or https://.", param=param
+            ) from None
         except httpx.HTTPError:
             raise MediaError(f"Could not fetch the {kind} URL.", param=param) from None
 

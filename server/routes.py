@@ -5,8 +5,10 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel
 
 from server.protocol import ChatCompletion, ChatCompletionRequest, ErrorResponse, ModelCard, ModelList
+from server.request_parsing import parse_request
 from server.state import ServerState
 
 router = APIRouter()
@@ -20,26 +22,39 @@ def _state(request: Request) -> ServerState:
     return request.app.state.server  # type: ignore[no-any-return]
 
 
+def _json_body(model: type[BaseModel]) -> dict[str, object]:
+    """The OpenAPI requestBody of a route that parses its body itself (server/request_parsing.py);
+    app.py moves the model's $defs into the document's components."""
+    schema = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
 @router.post(
     "/v1/chat/completions",
     response_model=ChatCompletion,
     responses={**_ERRORS, 200: {"content": {"text/event-stream": {}}}},
+    openapi_extra=_json_body(ChatCompletionRequest),
 )
-async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
-    return await _state(request).chat.create(body, request)
+async def create_chat_completion(request: Request) -> Response:
+    state = _state(request)
+    body = await parse_request(await request.body(), ChatCompletionRequest, state.body_limits)
+    return await state.chat.create(body, request)
 
 
 @router.get("/v1/models", responses=_ERRORS)
+@router.head("/v1/models", include_in_schema=False)
 async def list_models(request: Request) -> ModelList:
     return _state(request).model_list()
 
 
 @router.get("/v1/models/{model_id:path}", responses=_ERRORS)
+@router.head("/v1/models/{model_id:path}", include_in_schema=False)
 async def retrieve_model(model_id: str, request: Request) -> ModelCard:
     return _state(request).model_card(model_id)
 
 
 @router.get("/health")
+@router.head("/health", include_in_schema=False)
 async def health(request: Request) -> JSONResponse:
     """200 only when the engine is ready and the server is not draining; 503 otherwise."""
     state = _state(request)
@@ -48,5 +63,6 @@ async def health(request: Request) -> JSONResponse:
 
 
 @router.get("/metrics")
+@router.head("/metrics", include_in_schema=False)
 async def metrics(request: Request) -> Response:
     return Response(_state(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)

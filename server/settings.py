@@ -81,6 +81,12 @@ class Settings(EngineOptions):
     """images per request (400 above)"""
     max_videos_per_request: int = Field(2, ge=0)
     """videos per request (400 above)"""
+    max_messages: int = Field(2048, ge=1)
+    """messages per request (400 above)"""
+    max_content_parts: int = Field(4096, ge=1)
+    """content parts per request, all messages together (400 above)"""
+    max_stop_token_ids: int = Field(64, ge=0)
+    """stop_token_ids per request (400 above)"""
 
     # Generation limits.
     max_n: int = Field(8, ge=1)

@@ -7,10 +7,11 @@ from dataclasses import dataclass, field
 
 from model_runtime.engine_client import EngineClient
 from server.chat import ChatService
-from server.errors import NotFoundError
+from server.errors import NotFoundError, printable
 from server.media import MediaFetcher
 from server.metrics import Metrics
 from server.protocol import ModelCard, ModelList
+from server.request_parsing import BodyLimits
 from server.settings import Settings
 
 
@@ -28,12 +29,19 @@ class ServerState:
     draining: bool = False
 
     @property
+    def body_limits(self) -> BodyLimits:
+        s = self.settings
+        return BodyLimits(s.max_messages, s.max_content_parts, s.max_stop_token_ids)
+
+    @property
     def ready(self) -> bool:
         return not self.draining and self.engine.health == "ready"
 
     def model_card(self, name: str) -> ModelCard:
         if name not in self.model_names:
-            raise NotFoundError(f"The model '{name}' does not exist.", param="model", code="model_not_found")
+            raise NotFoundError(
+                f"The model '{printable(name)}' does not exist.", param="model", code="model_not_found"
+            )
         return ModelCard(id=name, created=self.created, max_model_len=self.engine.info.max_model_len)
 
     def model_list(self) -> ModelList:

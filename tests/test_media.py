@@ -140,6 +140,21 @@ async def test_ssrf_redirect_to_loopback_refused(target: Recorder, public_server
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize(
+    "location",
+    ["data:image/png;base64,iVBORw0KGgo=", "mailto:a@b.c", "ftp://example.com/x.png", "javascript:alert(1)"],
+)
+async def test_a_redirect_to_anything_but_http_is_a_media_error(
+    public_server: Recorder, location: str
+) -> None:
+    f = MediaFetcher(Settings(), address_allowed=pretend_public)
+    public_server.redirect_to = location
+    with pytest.raises(MediaError, match="http"):
+        await f.fetch(f"{public_server.base}/redirect", "image", param="messages[0].content[0].image_url.url")
+    await f.aclose()
+
+
+@pytest.mark.anyio
 async def test_redirects_are_capped(public_server: Recorder) -> None:
     f = MediaFetcher(Settings(media_max_redirects=2), address_allowed=pretend_public)
     with pytest.raises(MediaError, match="more than 2"):

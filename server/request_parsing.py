@@ -1,0 +1,116 @@
+"""Request bodies -> typed requests: cheap limits first, and off the event loop when large.
+
+FastAPI would decode and validate a body on the event loop, and a 16 MB body of empty messages
+stalls every other request (and /health) for seconds before it can be refused. Here a body over
+LARGE_BODY_BYTES is decoded and checked on a worker thread instead, and whatever its size, the
+limits that cost nothing are checked on the raw JSON before pydantic builds a single model:
+counts of messages, content parts, stop strings and stop token ids, and text that cannot be
+encoded (lone UTF-16 surrogates, which JSON allows as escapes and UTF-8 does not).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from server.errors import BadRequestError, from_validation_errors
+
+LARGE_BODY_BYTES = 256 * 1024
+Model = TypeVar("Model", bound=BaseModel)
+
+
+@dataclass(frozen=True)
+class BodyLimits:
+    """Counts a request may carry (see the settings of the same names)."""
+
+    max_messages: int
+    max_content_parts: int
+    max_stop_token_ids: int
+
+
+def _too_many(what: str, count: int, limit: int, param: str, code: str) -> BadRequestError:
+    return BadRequestError(f"Too many {what}: {count}; at most {limit} per request.", param=param, code=code)
+
+
+def check_counts(data: Any, limits: BodyLimits) -> None:
+    """The count limits on the raw JSON of a chat request (before any model is built)."""
+    if not isinstance(data, dict):
+        return  # the model validation says what is wrong with it
+    messages = data.get("messages")
+    if isinstance(messages, list):
+        if len(messages) > limits.max_messages:
+            raise _too_many("messages", len(messages), limits.max_messages, "messages", "too_many_messages")
+        parts = sum(
+            len(m["content"]) for m in messages if isinstance(m, dict) and isinstance(m.get("content"), list)
+        )
+        if parts > limits.max_content_parts:
+            raise _too_many(
+                "content parts", parts, limits.max_content_parts, "messages", "too_many_content_parts"
+            )
+    ids = data.get("stop_token_ids")
+    if isinstance(ids, list) and len(ids) > limits.max_stop_token_ids:
+        raise _too_many(
+            "stop token ids", len(ids), limits.max_stop_token_ids, "stop_token_ids", "too_many_stop_token_ids"
+        )
+
+
+def find_unencodable(value: Any, path: str = "") -> str | None:
+    """The path of the first string (or key) that UTF-8 cannot encode, or None."""
+    stack: list[tuple[Any, str]] = [(value, path)]
+    while stack:
+        item, where = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return where or "body"
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                child_path = f"{where}.{key}" if where else str(key)
+                try:
+                    key.encode("utf-8")
+                except UnicodeEncodeError:
+                    return where or "body"
+                stack.append((child, child_path))
+        elif isinstance(item, list):
+            stack.extend((child, f"{where}[{i}]") for i, child in enumerate(item))
+    return None
+
+
+def parse_body(body: bytes, model: type[Model], limits: BodyLimits) -> Model:
+    """Decode, check and validate one body (blocking: run it off the loop when the body is large)."""
+    if not body.strip():
+        raise BadRequestError("A JSON request body is required.", code="missing_body")
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise BadRequestError("The request body is not valid JSON.", code="invalid_json") from None
+    except RecursionError:
+        raise BadRequestError("The request body is nested too deeply.", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise BadRequestError(
+            "The request body must be a JSON object (Content-Type: application/json).", code="invalid_body"
+        )
+    check_counts(data, limits)
+    bad = find_unencodable(data)
+    if bad is not None:
+        raise BadRequestError(
+            f"Invalid value for '{bad}': the text contains a lone UTF-16 surrogate (not valid Unicode).",
+            param=bad,
+            code="invalid_value",
+        )
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise from_validation_errors(exc.errors()) from None
+
+
+async def parse_request(body: bytes, model: type[Model], limits: BodyLimits) -> Model:
+    """parse_body, on a worker thread when the body is large so the event loop stays free."""
+    if len(body) > LARGE_BODY_BYTES:
+        return await asyncio.to_thread(parse_body, body, model, limits)
+    return parse_body(body, model, limits)

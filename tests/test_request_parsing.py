@@ -1,0 +1,131 @@
+"""Bodies are checked cheapest first: counts and unencodable text before any model is built, large
+bodies off the event loop, and whatever a client sends, a 4xx rather than a 500."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+
+from server.errors import BadRequestError
+from server.protocol import ChatCompletionRequest
+from server.request_parsing import LARGE_BODY_BYTES, BodyLimits, parse_body, parse_request
+from tests.test_api import MODEL, assert_envelope, chat, client, make_app
+
+LIMITS = BodyLimits(max_messages=4, max_content_parts=6, max_stop_token_ids=2)
+
+
+def body(**fields) -> bytes:
+    return json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], **fields}).encode()
+
+
+@pytest.mark.parametrize(
+    ("fields", "param", "code"),
+    [
+        ({"messages": [{"role": "user", "content": "x"}] * 5}, "messages", "too_many_messages"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": "x"}] * 4}] * 2},
+            "messages",
+            "too_many_content_parts",
+        ),
+        ({"stop_token_ids": [1, 2, 3]}, "stop_token_ids", "too_many_stop_token_ids"),
+    ],
+)
+def test_counts_are_refused_before_validation(fields, param, code) -> None:
+    with pytest.raises(BadRequestError) as caught:
+        parse_body(body(**fields), ChatCompletionRequest, LIMITS)
+    assert (caught.value.param, caught.value.code) == (param, code)
+
+
+@pytest.mark.parametrize(
+    ("raw", "param"),
+    [
+        (b'{"model": "m", "messages": [{"role": "user", "content": "a\\ud800b"}]}', "messages[0].content"),
+        (b'{"model": "\\udfff", "messages": [{"role": "user", "content": "a"}]}', "model"),
+        (b'{"model": "m", "messages": [{"role": "user", "content": "a"}], "user": "\\ud83d"}', "user"),
+    ],
+)
+def test_lone_surrogates_are_a_400_naming_the_field(raw: bytes, param: str) -> None:
+    with pytest.raises(BadRequestError) as caught:
+        parse_body(raw, ChatCompletionRequest, LIMITS)
+    assert caught.value.param == param and "surrogate" in caught.value.message
+
+
+def test_a_surrogate_pair_is_an_emoji_not_an_error() -> None:
+    raw = b'{"model": "m", "messages": [{"role": "user", "content": "\\ud83d\\ude00"}]}'
+    assert parse_body(raw, ChatCompletionRequest, LIMITS).messages[0].content[0].text == "\U0001f600"
+
+
+@pytest.mark.anyio
+async def test_a_large_body_is_parsed_off_the_event_loop() -> None:
+    big = body(messages=[{"role": "user", "content": "x" * 1000}] * 3)
+    padded = big[:-1] + b', "padding": "' + b"p" * LARGE_BODY_BYTES + b'"}'
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    task = asyncio.ensure_future(ticker())
+    parsed = await parse_request(padded, ChatCompletionRequest, LIMITS)
+    task.cancel()
+    assert len(parsed.messages) == 3 and ticks > 0  # the loop ran while the body was parsed
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.mark.anyio
+async def test_sixteen_megabytes_of_empty_messages_are_refused_fast() -> None:
+    """A body that used to stall the event loop for seconds in validation is counted first."""
+    messages = [{"role": "user", "content": ""}] * 1_000_000
+    payload = json.dumps({"model": MODEL, "messages": messages})
+    async with client(make_app(max_body_bytes=64 * 2**20)) as c:
+        started = time.monotonic()
+        r = await c.post(
+            "/v1/chat/completions", content=payload, headers={"content-type": "application/json"}
+        )
+        elapsed = time.monotonic() - started
+    assert_envelope(r, 400, "messages")
+    assert r.json()["error"]["code"] == "too_many_messages"
+    assert elapsed < 5, elapsed
+
+
+@pytest.mark.anyio
+async def test_unencodable_model_names_never_become_a_500() -> None:
+    async with client(make_app()) as c:
+        r = await c.post(
+            "/v1/chat/completions",
+            content=b'{"model": "\\udc80", "messages": [{"role": "user", "content": "x"}]}',
+            headers={"content-type": "application/json"},
+        )
+        assert_envelope(r, 400, "model")
+        r = await c.get("/v1/models/%ED%A0%80")  # the UTF-8 bytes of a surrogate
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+@pytest.mark.anyio
+async def test_head_works_where_get_does() -> None:
+    async with client(make_app()) as c:
+        for path in ("/health", "/v1/models", f"/v1/models/{MODEL}", "/metrics"):
+            get, head = await c.get(path), await c.head(path)
+            assert head.status_code == get.status_code == 200 and head.content == b"", path
+
+
+@pytest.mark.anyio
+async def test_the_request_body_is_still_documented_in_openapi() -> None:
+    async with client(make_app()) as c:
+        schema = (await c.get("/openapi.json")).json()
+    operation = schema["paths"]["/v1/chat/completions"]["post"]
+    ref = operation["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+    assert ref == "#/components/schemas/ChatCompletionRequest"
+    assert "messages" in schema["components"]["schemas"]["ChatCompletionRequest"]["properties"]
+    assert "ChatMessage" in schema["components"]["schemas"]
+    async with client(make_app()) as c:
+        assert (await c.post("/v1/chat/completions", json=chat())).status_code == 200
