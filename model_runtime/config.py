@@ -70,7 +70,9 @@ class EngineOptions(BaseModel):
     max_video_duration_s: float = 3600.0
     """videos longer than this are refused before decoding"""
     preprocess_workers: int = 2
-    """threads decoding and tiling media"""
+    """threads decoding and tiling media (one request uses at most half of them)"""
+    media_decode_timeout_s: float | None = 30.0
+    """seconds one image or video may take to decode and tile before its request is refused; None = off"""
     fast_jpeg_draft: bool = False
     """decode large JPEGs at reduced size (~3x faster for 4000x3000; pixels deviate up to ~5/255)"""
 

@@ -34,7 +34,8 @@ class EngineClient(Protocol):
     MediaError, MediaTooLargeError, PromptTooLongError, QueueFullError, EngineDeadError) are raised
     when the first item is awaited, before any output; a failure later in serving arrives as a
     final `RequestOutput` with `error` set (a RequestFailedError) and `finished=True`.
-    Closing the generator early (client gone) aborts the request and frees its memory.
+    Closing the generator early (client gone) aborts the request and frees its memory. Requests
+    share cached images and prompt prefixes only when their `cache_salt` is equal.
     """
 
     info: ModelInfo
@@ -45,7 +46,7 @@ class EngineClient(Protocol):
     def stats(self) -> EngineStats: ...
 
     def generate(
-        self, request_id: str, chat: ChatInput, params: SamplingParams
+        self, request_id: str, chat: ChatInput, params: SamplingParams, *, cache_salt: str = ""
     ) -> AsyncIterator[RequestOutput]: ...
 
     async def abort(self, request_id: str) -> None: ...

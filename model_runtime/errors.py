@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import traceback
+
 
 class RuntimeErrorBase(Exception):
     """Base of every error the runtime raises on purpose; `message` is safe to show a client."""
@@ -18,6 +20,10 @@ class InvalidRequestError(RuntimeErrorBase):
 
 class MediaError(InvalidRequestError):
     """An image or video could not be decoded or is not supported (HTTP 400)."""
+
+
+class MediaTimeoutError(MediaError):
+    """Decoding one image or video took longer than the per-item limit: a format slow to decode (HTTP 400)."""
 
 
 class MediaTooLargeError(RuntimeErrorBase):
@@ -42,3 +48,30 @@ class RequestFailedError(RuntimeErrorBase):
 
 class CheckpointError(Exception):
     """A checkpoint cannot be loaded: missing file, unknown architecture/template, shape mismatch."""
+
+
+def release_frames(exc: BaseException) -> None:
+    """Drop the local variables of the finished frames an exception's traceback holds, through its
+    whole chain of causes.
+
+    A refused request's pixel tensors are locals of the frames that raised: the exception reaches
+    the client as a 4xx, but its traceback (often part of a reference cycle through a future)
+    would keep them alive until a full garbage collection happens to run. The traceback's lines
+    stay printable.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        traceback.clear_frames(current.__traceback__)
+        current = current.__cause__ or current.__context__
+
+
+def detached(exc: BaseException) -> BaseException:
+    """`exc` made fit to hand to another thread from the frame that caught it: the finished frames'
+    locals released, and the catching frame itself (still running, so not clearable, and holding
+    the future the exception goes into: a cycle) left out of the traceback."""
+    release_frames(exc)
+    if exc.__traceback__ is not None:
+        exc.__traceback__ = exc.__traceback__.tb_next
+    return exc

@@ -221,7 +221,8 @@ class ChatService:
     async def create(self, req: ChatCompletionRequest, request: Request) -> Response:
         tracker = self._metrics.track()
         try:
-            response = await cancel_on_disconnect(request, self._create(req, tracker))
+            salt = self._cache_salt(req, request)
+            response = await cancel_on_disconnect(request, self._create(req, tracker, salt))
         except Exception as exc:
             err = to_api_error(exc)
             tracker.failed(err.code or err.error_type)
@@ -230,7 +231,15 @@ class ChatService:
             tracker.failed(DISCONNECTED)
         return response
 
-    async def _create(self, req: ChatCompletionRequest, tracker: RequestTracker) -> Response:
+    def _cache_salt(self, req: ChatCompletionRequest, request: Request) -> str:
+        """What keys this request's cache entries: its own cache_salt and, when caches are isolated
+        by API key, the key it was authorized with (hashed again by the processor)."""
+        parts = [req.cache_salt or ""]
+        if self._settings.cache_isolation == "api_key":
+            parts.append(request.headers.get("authorization", ""))
+        return "\0".join(parts) if any(parts) else ""
+
+    async def _create(self, req: ChatCompletionRequest, tracker: RequestTracker, cache_salt: str) -> Response:
         model = self.resolve_model(req.model)
         if self._engine.health != "ready":
             raise ServiceUnavailableError(
@@ -242,7 +251,7 @@ class ChatService:
         chat = await fetch_media(planned, self._fetcher)
         # Server-made and unguessable: a client-chosen id could collide with (and abort) another's.
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        outputs = self._engine.generate(request_id, chat, params)
+        outputs = self._engine.generate(request_id, chat, params, cache_salt=cache_salt)
         try:
             first = await anext(outputs)
         except BaseException:

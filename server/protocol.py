@@ -139,6 +139,9 @@ class ChatCompletionRequest(OpenAIRequestModel):
     repetition_penalty: float | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
+    cache_salt: str | None = Field(None, min_length=1, max_length=1024)
+    """keeps this request's images and prompt prefixes apart in the caches from requests without the
+    same salt, so that response times cannot tell one tenant what another has sent"""
 
     @field_validator("stop", mode="before")
     @classmethod

@@ -51,6 +51,9 @@ class Settings(EngineOptions):
     # Security.
     api_keys: list[str] = Field(default_factory=list, repr=False)
     """Bearer keys accepted on every route but /health (and /metrics); empty = no authentication"""
+    cache_isolation: Literal["shared", "api_key"] = "shared"
+    """'api_key': the vision and prefix caches are keyed by the request's API key, so one key's
+    clients cannot time what another's have sent; 'shared': one cache for all"""
     metrics_require_auth: bool = False
     """also require an API key on /metrics"""
     cors_allow_origins: list[str] = Field(default_factory=list)

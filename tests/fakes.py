@@ -83,6 +83,7 @@ class FakeEngine:
     )
     calls: list[tuple[str, ChatInput, SamplingParams]] = field(default_factory=list)
     aborted: list[str] = field(default_factory=list)
+    cache_salts: list[str] = field(default_factory=list)
     finished: list[str] = field(default_factory=list)
     _born: float = field(default_factory=time.monotonic)
 
@@ -96,8 +97,9 @@ class FakeEngine:
         return self.engine_stats
 
     def generate(
-        self, request_id: str, chat: ChatInput, params: SamplingParams
+        self, request_id: str, chat: ChatInput, params: SamplingParams, *, cache_salt: str = ""
     ) -> AsyncIterator[RequestOutput]:
+        self.cache_salts.append(cache_salt)
         return self._generate(request_id, chat, params)
 
     async def abort(self, request_id: str) -> None:

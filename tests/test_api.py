@@ -710,3 +710,33 @@ def test_dead_engine_fails_health_then_exits_nonzero(served: tuple[subprocess.Po
     assert r.status_code == 503 and r.json()["error"]["code"] == "engine_unavailable"
     assert httpx.get(f"{base}/health", timeout=5).status_code == 503
     assert proc.wait(timeout=10) == 1
+
+
+# -- tenant isolation of caches --------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_cache_salt_reaches_the_engine_and_is_validated() -> None:
+    engine = FakeEngine()
+    async with client(make_app(engine)) as c:
+        assert (await c.post("/v1/chat/completions", json=chat())).status_code == 200
+        assert (await c.post("/v1/chat/completions", json=chat(cache_salt="s1"))).status_code == 200
+        assert_envelope(await c.post("/v1/chat/completions", json=chat(cache_salt="")), 400, "cache_salt")
+    assert engine.cache_salts[0] == ""
+    assert "s1" in engine.cache_salts[1]
+
+
+@pytest.mark.anyio
+async def test_caches_keyed_by_api_key_when_isolated() -> None:
+    engine = FakeEngine()
+    async with client(make_app(engine, api_keys=["k1", "k2"], cache_isolation="api_key")) as c:
+        for key in ("k1", "k1", "k2"):
+            r = await c.post("/v1/chat/completions", json=chat(), headers={"Authorization": f"Bearer {key}"})
+            assert r.status_code == 200
+    first, again, other = engine.cache_salts
+    assert first == again and first != other and first and other
+    shared = FakeEngine()
+    async with client(make_app(shared, api_keys=["k1", "k2"])) as c:
+        for key in ("k1", "k2"):
+            await c.post("/v1/chat/completions", json=chat(), headers={"Authorization": f"Bearer {key}"})
+    assert shared.cache_salts == ["", ""]  # the default: one cache for all

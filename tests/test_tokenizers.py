@@ -9,12 +9,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from model_runtime.inputs.prompt import build_prompt_text, expand_image_slots
 from model_runtime.inputs.templates import TEMPLATES
 from model_runtime.loading.sp_tokenizer import SentencePieceTokenizer
 from model_runtime.loading.tiny_tokenizers import INTERNVL_TOKENS, write_tokenizer
-from model_runtime.loading.tokenizer import load_tokenizer
+from model_runtime.loading.tokenizer import load_tokenizer, max_token_bytes, text_normalizer
 from model_runtime.request import ImageInput, Message
 from tests.reference_tokenizers import reference_tokenizer
 
@@ -148,3 +150,49 @@ def test_the_model_files_normalizer_settings_decide_the_prefix(
     assert pieces[1].startswith("▁") == add_dummy_prefix
     for text in CORPUS:
         assert ours(text)["input_ids"] == reference.encode(text), text
+
+
+# Texts normalization shortens: decomposed Hangul (3 jamo -> 1 syllable), stacked combining marks,
+# runs of spaces and control characters (which SentencePiece's rules collapse or drop).
+_SHRINKING = st.text(
+    alphabet=st.sampled_from(
+        [
+            "\u1100",
+            "\u1161",
+            "\u11a8",
+            "e",
+            "\u0301",
+            "\u0323",
+            "\u0302",
+            " ",
+            "\t",
+            "\x01",
+            "\u3000",
+            "ﬁ",
+            "a",
+            "\n",
+        ]
+    ),
+    max_size=200,
+)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.one_of(_SHRINKING, st.text(max_size=200)) | st.sampled_from(TEXTS))
+def test_the_text_lower_bound_never_exceeds_the_real_count(
+    family: str, text: str, tokenizer_dirs: dict[str, Path]
+) -> None:
+    """What the processor refuses prompts by before tokenizing must never refuse one that fits."""
+    tokenizer = _loaded(tokenizer_dirs, family)
+    bound = len(text_normalizer(tokenizer)(text).encode("utf-8")) // max_token_bytes(tokenizer)
+    assert bound <= len(tokenizer.encode(text, add_special_tokens=False))
+
+
+_LOADED: dict[str, object] = {}
+
+
+def _loaded(tokenizer_dirs: dict[str, Path], family: str):
+    if family not in _LOADED:
+        _LOADED[family] = load_tokenizer(tokenizer_dirs[family])
+    return _LOADED[family]

@@ -107,3 +107,68 @@ def test_dead_engine_refuses(tmp_path) -> None:
     with pytest.raises(EngineDeadError):
         asyncio.run(collect(worker, "y", SamplingParams(max_tokens=4)))
     asyncio.run(worker.shutdown())
+
+
+def _png(width: int, height: int) -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    noise = np.random.default_rng(width).integers(0, 255, size=(height, width, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _rss_mib() -> float:
+    import os
+
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _pixel_tensors() -> int:
+    import gc
+
+    import torch
+
+    return sum(
+        1 for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.dim() == 4 and o.shape[1] == 3
+    )
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/statm"), reason="reads RSS from /proc")
+def test_refusals_hold_nothing(worker: Worker) -> None:
+    """Requests refused after their images were decoded free the pixels at once, without waiting for
+    the cyclic collector (disabled here): RSS stays flat over many refusals."""
+    import gc
+
+    big = _png(1344, 896)  # 2x3 tiles + thumbnail: 7 tiles, 17 MB of float32 pixels
+    truncated = _png(640, 480)
+    truncated = truncated[: len(truncated) // 2]  # the header reads, the pixels do not
+    too_long = ChatInput((Message("user", (ImageInput(big, max_tiles=6), "a " * 400)),))  # exact count > 2048
+    bad_second = ChatInput(
+        (Message("user", (ImageInput(big, max_tiles=4), ImageInput(truncated, max_tiles=1), "hi")),)
+    )
+
+    async def refused(rid: str, content: ChatInput, expected: type[Exception]) -> None:
+        with pytest.raises(expected) as info:
+            async for _ in worker.generate(rid, content, SamplingParams(max_tokens=8)):
+                pass
+        assert "at least" not in str(info.value)  # refused after decoding, not by the lower bound
+
+    asyncio.run(refused("warm", too_long, PromptTooLongError))
+    gc.collect()
+    gc.disable()
+    try:
+        before_tensors, before = _pixel_tensors(), _rss_mib()
+        for i in range(12):
+            asyncio.run(refused(f"long{i}", too_long, PromptTooLongError))
+            asyncio.run(refused(f"bad{i}", bad_second, MediaError))
+        grown = _rss_mib() - before
+        assert _pixel_tensors() <= before_tensors
+    finally:
+        gc.enable()
+    # Held, 24 refusals would keep at least 24 x 17 MB; what remains is the allocator's noise.
+    assert grown < 120, f"RSS grew {grown:.0f} MiB over 24 refused requests"

@@ -145,6 +145,14 @@ class Engine:
 
     def add(self, request: Request) -> None:
         """Admit a prepared request to the waiting queue (raises PromptTooLongError / QueueFullError)."""
+        try:
+            self._admit(request)
+        except Exception:
+            request.release()  # refused: its pixels go now, whoever still holds the request
+            raise
+        self.requests[request.request_id] = request
+
+    def _admit(self, request: Request) -> None:
         params = request.params
         request.max_tokens = self.scheduler.check_fits(
             request.prompt_len, params.max_tokens, request.image_token_count
@@ -156,12 +164,12 @@ class Engine:
             if params.seed is not None and not params.greedy:
                 seq.generator = make_generator((params.seed + seq.index) % 2**64, self.runner.device)
         self.scheduler.add(request)
-        self.requests[request.request_id] = request
 
     def abort(self, request_id: str) -> None:
         request = self.requests.pop(request_id, None)
         if request is not None:
             self.scheduler.abort(request)
+            request.release()
 
     def fail_all(self, error: Exception) -> None:
         for request in list(self.requests.values()):
@@ -312,6 +320,7 @@ class Engine:
         finished = request.finished
         if finished:
             self.requests.pop(request.request_id, None)
+            request.release()
         queue_time = None
         if request.first_scheduled_time is not None:
             queue_time = request.first_scheduled_time - request.arrival_time
@@ -331,6 +340,7 @@ class Engine:
     def _fail(self, request: Request, error: Exception) -> None:
         self.requests.pop(request.request_id, None)
         self.scheduler.abort(request, "error")
+        request.release()
         if request.sink is not None:
             request.sink(
                 RequestOutput(

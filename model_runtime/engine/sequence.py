@@ -130,6 +130,14 @@ class Request:
     def prompt_len(self) -> int:
         return len(self.prompt_ids)
 
+    def release(self) -> None:
+        """Drop the tensors once the request has left the engine (finished, aborted, failed or
+        refused). A request and its sequences refer to each other, so without this its pixels and
+        features would wait for the cyclic garbage collector rather than go at once."""
+        for slot in self.images:
+            slot.pixel_values = slot.features = slot.partial = None
+        self.prompt_counts = None
+
     @property
     def n(self) -> int:
         return len(self.seqs)

@@ -2,8 +2,9 @@
 
 The loop runs in a background *thread*, not a process: torch releases the GIL inside its kernels,
 so the asyncio server stays responsive, and requests (with their pixel tensors) and outputs cross
-over without serialisation. Media decoding and prompt building run on a separate thread pool so a
-large image never stalls the decode loop. The server talks to `Worker` through `EngineClient`.
+over without serialisation. Media decoding and prompt building run on separate threads, fair
+between requests (inputs/lanes.py), so a large image never stalls the decode loop or another
+request. The server talks to `Worker` through `EngineClient`.
 """
 
 from __future__ import annotations
@@ -25,9 +26,11 @@ from PIL import Image
 
 from model_runtime.config import EngineConfig
 from model_runtime.engine.engine import Engine
+from model_runtime.engine.sequence import Request
 from model_runtime.engine_client import HealthState, ModelInfo
-from model_runtime.errors import EngineDeadError
+from model_runtime.errors import EngineDeadError, detached, release_frames
 from model_runtime.inputs import resize
+from model_runtime.inputs.lanes import FairExecutor
 from model_runtime.inputs.processor import Processor
 from model_runtime.loading.checkpoint import LoadedCheckpoint, load_checkpoint
 from model_runtime.request import ChatInput, EngineStats, ImageInput, Message, RequestOutput
@@ -54,11 +57,17 @@ class Worker:
             template=loaded.template.name,
         )
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=config.preprocess_workers,
-            thread_name_prefix="internvl-preprocess",
+        # Media jobs (headers, decoding, tiling) are served request by request in turn, and one
+        # request never holds more than half the threads: a request with sixteen slow images waits
+        # for its own images, not everybody else for them. Prompts are built and tokenized on their
+        # own thread, so a text-only request never queues behind anybody's pixels.
+        self._media = FairExecutor(
+            config.preprocess_workers,
+            per_lane=max(1, config.preprocess_workers // 2),
+            name="internvl-media",
             initializer=resize.lower_priority,
         )
+        self._prompts = FairExecutor(1, per_lane=1, name="internvl-prompt")
         self._state: HealthState = "starting"
         self._stop = threading.Event()
         self._stats = self.engine.stats()
@@ -107,7 +116,8 @@ class Worker:
         self._stop.set()
         self._commands.put(("wake", None, None))
         await asyncio.to_thread(self._thread.join, 30)
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._media.shutdown()
+        self._prompts.shutdown()
 
     @property
     def served_model_default_name(self) -> str:
@@ -162,7 +172,8 @@ class Worker:
                     self.engine.add(payload)
                     future.set_result(None)
                 except Exception as exc:  # noqa: BLE001 - typed errors go back to the caller
-                    future.set_exception(exc)
+                    future.set_exception(detached(exc))
+                payload = future = item = None  # the refused request is the caller's again, not this frame's
             elif kind == "abort":
                 self.engine.abort(payload)
             try:
@@ -179,7 +190,7 @@ class Worker:
             if kind == "add":
                 future.set_exception(EngineDeadError("the engine is not serving; retry later"))
 
-    def _submit(self, request) -> concurrent.futures.Future:
+    def _submit(self, request: Request) -> concurrent.futures.Future:
         future: concurrent.futures.Future = concurrent.futures.Future()
         if self._state == "dead":
             future.set_exception(EngineDeadError("the engine is not serving; retry later"))
@@ -189,17 +200,51 @@ class Worker:
 
     # -- the async API -----------------------------------------------------------------------------
 
+    async def _prepare(
+        self, request_id: str, chat: ChatInput, params: SamplingParams, cache_salt: str
+    ) -> Request:
+        """The processor's jobs for one request: plan, each medium's decode, then the prompt."""
+        processor = self.processor
+        has_media = any(not isinstance(part, str) for message in chat.messages for part in message.parts)
+        first = self._media if has_media else self._prompts
+        try:
+            plan = await asyncio.wrap_future(
+                first.submit(request_id, processor.plan, chat, params, cache_salt)
+            )
+            decoded = await asyncio.gather(
+                *(
+                    asyncio.wrap_future(self._media.submit(request_id, processor.decode, m))
+                    for m in plan.media
+                )
+            )
+            return await asyncio.wrap_future(
+                self._prompts.submit(request_id, processor.finish, request_id, plan, decoded)
+            )
+        except BaseException:
+            # A refused or abandoned request: its queued decodes are dropped, not run for nobody.
+            self._media.cancel(request_id)
+            self._prompts.cancel(request_id)
+            raise
+
     async def generate(
-        self, request_id: str, chat: ChatInput, params: SamplingParams
+        self, request_id: str, chat: ChatInput, params: SamplingParams, *, cache_salt: str = ""
     ) -> AsyncIterator[RequestOutput]:
         if self._state == "dead":
             raise EngineDeadError("the engine is not serving; retry later")
         params.validate()
         loop = asyncio.get_running_loop()
-        request = await loop.run_in_executor(self._pool, self.processor.process, request_id, chat, params)
         outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
-        request.sink = functools.partial(self._post, loop, outputs)
-        await asyncio.wrap_future(self._submit(request))
+        try:
+            request = await self._prepare(request_id, chat, params, cache_salt)
+            request.sink = functools.partial(self._post, loop, outputs)
+            await asyncio.wrap_future(self._submit(request))
+        except BaseException as exc:
+            # A refusal frees its pixels now, not at the next full collection: the error the client
+            # gets keeps this frame (and the finished ones below it) in its traceback.
+            request = None
+            release_frames(exc)
+            raise
+        del request  # the engine holds it now; this frame must not keep its pixels alive while streaming
         finished = False
         try:
             while not finished:

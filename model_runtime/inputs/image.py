@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import io
+import time
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from model_runtime.errors import MediaError, MediaTooLargeError
+from model_runtime.errors import MediaError, MediaTimeoutError, MediaTooLargeError
 from model_runtime.inputs import resize
 from model_runtime.inputs.tiling import check_tiling, choose_grid, grid_tensor, grid_tensor_parallel
 
@@ -28,6 +29,14 @@ _BAD_IMAGE = "could not decode image: unsupported or corrupt data"
 _HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 _EXIF_ORIENTATION = 0x0112
 _BMP_RLE = (1, 2)  # BI_RLE8, BI_RLE4
+
+
+def check_deadline(deadline: float | None, what: str) -> None:
+    if deadline is not None and time.monotonic() > deadline:
+        raise MediaTimeoutError(
+            f"decoding this {what} took longer than the server's limit (media_decode_timeout_s); "
+            "send it as JPEG or PNG, or smaller"
+        )
 
 
 def too_large(what: str, pixels: int, limit: int) -> MediaTooLargeError:
@@ -171,6 +180,7 @@ def load_image(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     fast_jpeg_draft: bool = False,
     parallel: bool = False,
+    deadline: float | None = None,
 ) -> torch.Tensor:
     """Encoded image -> [tiles, 3, S, S] float32, equal to the reference `load_image`.
 
@@ -178,6 +188,8 @@ def load_image(
     fast_jpeg_draft: decode large JPEGs at a reduced DCT scale (never below the tile grid's size).
     The grid is still chosen from the full size, so the tile count is unchanged; pixels differ a
     little (see benchmarks/preprocess.py). Off by default: the default output is exact.
+    deadline: a time.monotonic() by which decoding must be done; checked once the pixels are
+    decoded (Pillow's decoders cannot be interrupted), before tiling, which is then not started.
     """
     check_tiling(min_tiles, max_tiles, image_size)
     image = _open_image(data, max_pixels)
@@ -198,9 +210,13 @@ def load_image(
             # libjpeg decodes at 1/2, 1/4 or 1/8 scale, never below the grid's size.
             image.draft(None, draft_size)
         build = grid_tensor_parallel if parallel and resize.matches_pillow() else grid_tensor
-        return build(_decode_pixels(image), cols, rows, image_size, use_thumbnail)
+        decoded = _decode_pixels(image)
+        check_deadline(deadline, "image")
+        return build(decoded, cols, rows, image_size, use_thumbnail)
+    decoded = _decode_pixels(image)
+    check_deadline(deadline, "image")
     return preprocess_image(
-        _decode_pixels(image),
+        decoded,
         max_tiles=max_tiles,
         min_tiles=min_tiles,
         image_size=image_size,

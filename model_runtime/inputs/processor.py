@@ -1,14 +1,15 @@
 """ChatInput -> Request: decode media into tiles, build the InternVL prompt, tokenize.
 
-Runs on a thread pool beside the engine loop (decoding a 4K JPEG takes tens of milliseconds and
-must not stall decoding). Work is done cheapest first, so that a request that cannot be served
-costs almost nothing:
+Runs on worker threads beside the engine loop (decoding a 4K JPEG takes tens of milliseconds and
+must not stall decoding), as separate jobs (plan, one decode per medium, finish) that the worker
+schedules fairly between requests. Work is done cheapest first, so that a request that cannot be
+served costs almost nothing:
 
 1. every image's and video's header is read (sizes, frame count, duration: checked against the
    caps) and its tile count worked out from the size alone; images already in the vision cache
    need not even that;
-2. a lower bound of the prompt's tokens (the image tokens exactly, the text at most this many
-   bytes per token) is checked against max_model_len and the request's max_tokens;
+2. a lower bound of the prompt's tokens (the image tokens exactly, the text at most the longest
+   token's bytes per token) is checked against max_model_len and the request's max_tokens;
 3. only then are pixels decoded and tiled, and the prompt built and tokenized (whose exact length
    the engine checks again).
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import time
 from dataclasses import dataclass
 
 from model_runtime.config import EngineConfig
@@ -30,13 +32,9 @@ from model_runtime.inputs.prompt import build_prompt
 from model_runtime.inputs.tiling import choose_grid
 from model_runtime.inputs.video import load_video, probe_video, video_tiles_per_frame
 from model_runtime.loading.checkpoint import LoadedCheckpoint
-from model_runtime.loading.tokenizer import max_token_bytes
+from model_runtime.loading.tokenizer import max_token_bytes, text_normalizer
 from model_runtime.request import ChatInput, ImageInput, VideoInput
 from model_runtime.sampling_params import SamplingParams
-
-# The text lower bound divides bytes by twice the longest token: normalization (NFC) may shorten
-# a text a little before it is tokenized.
-_TEXT_BOUND_SLACK = 2
 
 
 def _digest(data: bytes) -> str:
@@ -56,6 +54,16 @@ class _Media:
     cached: list[ImageSlot] | None = None
 
 
+@dataclass
+class Plan:
+    """A request that passed the cheap checks: what is left is decoding its media and tokenizing."""
+
+    chat: ChatInput
+    params: SamplingParams
+    salt: str
+    media: list[_Media]
+
+
 class Processor:
     """Prepares requests for one loaded checkpoint."""
 
@@ -68,7 +76,8 @@ class Processor:
         self.loaded = loaded
         self.config = config
         self.vision_cache = vision_cache
-        self.bytes_per_token = _TEXT_BOUND_SLACK * max_token_bytes(loaded.tokenizer)
+        self.max_token_bytes = max_token_bytes(loaded.tokenizer)
+        self.normalize = text_normalizer(loaded.tokenizer)
 
     # -- step 1: headers ---------------------------------------------------------------------------
 
@@ -146,25 +155,59 @@ class Processor:
     # -- step 2: the token budget ------------------------------------------------------------------
 
     def _check_lower_bound(self, chat: ChatInput, media: list[_Media], params: SamplingParams) -> None:
+        """Refuse a prompt that cannot fit before anything is decoded or tokenized.
+
+        Image tokens are exact; a text is at least (its bytes after the tokenizer's normalization)
+        / (the longest token's bytes) tokens. The raw bytes decide first; only a prompt they say
+        is too long pays for normalizing (which may shorten it: collapsed spaces, dropped control
+        characters), so that nothing that fits is ever refused.
+        """
         image_tokens = sum(self.loaded.tokens_per_tile * t for m in media for t in m.tiles)
-        text_bytes = sum(len(p.encode("utf-8")) for m in chat.messages for p in m.parts if isinstance(p, str))
-        at_least = image_tokens + text_bytes // self.bytes_per_token
+        texts = [p for m in chat.messages for p in m.parts if isinstance(p, str)]
         limit = self.loaded.max_model_len
         wanted = params.max_tokens or 1
-        if at_least + wanted > limit:
-            images = f", {image_tokens} of them image tokens" if image_tokens else ""
-            raise PromptTooLongError(
-                f"the prompt has at least {at_least} tokens{images}; with max_tokens {wanted} that exceeds "
-                f"max_model_len {limit}",
-                param="messages",
-            )
+
+        def fits(text_bytes: int) -> bool:
+            return image_tokens + text_bytes // self.max_token_bytes + wanted <= limit
+
+        if fits(sum(len(t.encode("utf-8")) for t in texts)):
+            return
+        text_bytes = sum(len(self.normalize(t).encode("utf-8")) for t in texts)
+        if fits(text_bytes):
+            return
+        at_least = image_tokens + text_bytes // self.max_token_bytes
+        images = f", {image_tokens} of them image tokens" if image_tokens else ""
+        raise PromptTooLongError(
+            f"the prompt has at least {at_least} tokens{images}; with max_tokens {wanted} that exceeds "
+            f"max_model_len {limit}",
+            param="messages",
+        )
 
     # -- step 3: pixels, prompt, tokens ------------------------------------------------------------
+
+    def plan(self, chat: ChatInput, params: SamplingParams, cache_salt: str = "") -> Plan:
+        """Steps 1 and 2: read every medium's header and check the token lower bound; cheap."""
+        if not chat.messages:
+            raise InvalidRequestError("messages must contain at least one message", param="messages")
+        salt = f"{hashlib.blake2b(cache_salt.encode(), digest_size=8).hexdigest()}:" if cache_salt else ""
+        media = self._plan(chat, salt)
+        self._check_lower_bound(chat, media, params)
+        return Plan(chat, params, salt, media)
+
+    def decode(self, media: _Media) -> list[ImageSlot]:
+        """One image's or video's pixels, tiled; the costly part, one job per medium."""
+        try:
+            return self._decode(media)
+        except RuntimeErrorBase as exc:
+            exc.param = exc.param or media.where
+            raise
 
     def _decode(self, media: _Media) -> list[ImageSlot]:
         if media.cached is not None:
             return media.cached
         loaded, config = self.loaded, self.config
+        timeout = config.media_decode_timeout_s
+        deadline = None if timeout is None else time.monotonic() + timeout
         if isinstance(media.item, ImageInput):
             pixels = load_image(
                 media.item.data,
@@ -175,6 +218,7 @@ class Processor:
                 max_pixels=config.max_image_pixels,
                 fast_jpeg_draft=config.fast_jpeg_draft,
                 parallel=True,  # resizes in strips on every core; same pixels
+                deadline=deadline,
             )
             return [ImageSlot(key=media.keys[0], num_tiles=pixels.shape[0], pixel_values=pixels)]
         pixels, per_frame = load_video(
@@ -187,6 +231,7 @@ class Processor:
             max_frames_in_file=config.max_video_frames_in_file,
             max_duration_s=config.max_video_duration_s,
             max_pixels_per_frame=config.max_image_pixels,
+            deadline=deadline,
         )
         slots, offset = [], 0
         for key, count in zip(media.keys, per_frame, strict=True):
@@ -194,32 +239,14 @@ class Processor:
             offset += count
         return slots
 
-    def process(
-        self, request_id: str, chat: ChatInput, params: SamplingParams, *, cache_salt: str = ""
-    ) -> Request:
-        """Check, decode media, build and tokenize the prompt; raises InvalidRequestError,
-        MediaError, MediaTooLargeError or PromptTooLongError. `cache_salt` keeps this request's
-        images and prefixes apart from other tenants' in the caches."""
-        if not chat.messages:
-            raise InvalidRequestError("messages must contain at least one message", param="messages")
-        salt = f"{hashlib.blake2b(cache_salt.encode(), digest_size=8).hexdigest()}:" if cache_salt else ""
-        media = self._plan(chat, salt)
-        self._check_lower_bound(chat, media, params)
-        slots: list[ImageSlot] = []
-        media_tiles: list[list[int]] = []
-        for item in media:
-            try:
-                new = self._decode(item)
-            except RuntimeErrorBase as exc:
-                exc.param = exc.param or item.where
-                raise
-            slots.extend(new)
-            media_tiles.append([slot.num_tiles for slot in new])
-        loaded = self.loaded
+    def finish(self, request_id: str, plan: Plan, decoded: list[list[ImageSlot]]) -> Request:
+        """The prompt built and tokenized around the decoded media (one list of slots per medium)."""
+        loaded, params = self.loaded, plan.params
+        slots = [slot for group in decoded for slot in group]
         prompt = build_prompt(
             loaded.template,
-            chat.messages,
-            media_tiles,
+            plan.chat.messages,
+            [[slot.num_tiles for slot in group] for group in decoded],
             loaded.tokenizer,
             tokens_per_tile=loaded.tokens_per_tile,
             image_context_id=loaded.image_context_id,
@@ -241,5 +268,14 @@ class Processor:
             max_tokens=params.max_tokens or 0,
             images=slots,
             image_token_count=prompt.image_token_count,
-            cache_root=salt.encode(),
+            cache_root=plan.salt.encode(),
         )
+
+    def process(
+        self, request_id: str, chat: ChatInput, params: SamplingParams, *, cache_salt: str = ""
+    ) -> Request:
+        """plan, decode and finish in turn on the calling thread; raises InvalidRequestError,
+        MediaError, MediaTooLargeError or PromptTooLongError. `cache_salt` keeps this request's
+        images and prefixes apart from other tenants' in the caches."""
+        plan = self.plan(chat, params, cache_salt=cache_salt)
+        return self.finish(request_id, plan, [self.decode(media) for media in plan.media])

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from model_runtime.errors import InvalidRequestError, MediaError, MediaTooLargeError
-from model_runtime.inputs.image import DEFAULT_MAX_PIXELS, too_large
+from model_runtime.inputs.image import DEFAULT_MAX_PIXELS, check_deadline, too_large
 from model_runtime.inputs.tiling import check_tiling, choose_grid, grid_tensor
 
 DEFAULT_MAX_FRAMES_IN_FILE = 100_000
@@ -230,12 +230,14 @@ def load_video(
     max_duration_s: float = DEFAULT_MAX_DURATION_S,
     max_pixels_per_frame: int = DEFAULT_MAX_PIXELS,
     reader: str = "auto",
+    deadline: float | None = None,
 ) -> tuple[torch.Tensor, list[int]]:
     """Encoded video -> (pixel values of all sampled frames concatenated, tiles per frame).
 
     Equal to the reference `load_video` (decord, get_index, dynamic_preprocess per frame); caps are
     checked on the container's metadata before any frame is decoded (probe_video). `reader`: auto
-    (decord if installed, else PyAV), decord or pyav.
+    (decord if installed, else PyAV), decord or pyav. `deadline` (a time.monotonic()) is checked
+    after each decoded frame.
     """
     if num_frames < 1:
         raise InvalidRequestError(f"num_frames must be at least 1, got {num_frames}", param="num_frames")
@@ -274,6 +276,7 @@ def load_video(
     unique, inverse = np.unique(indices, return_inverse=True)
     per_frame: list[torch.Tensor] = []
     for frame in source.decode(unique):
+        check_deadline(deadline, "video")
         if frame.shape[:2] != (info.height, info.width):  # the container declared another size
             height, width = frame.shape[:2]
             if width * height > max_pixels_per_frame:

@@ -13,6 +13,7 @@ use_fast=False)` builds decides the prompt ids, so the choice follows `tokenizer
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,21 @@ def token_id(tokenizer, token: str, path: Path) -> int:
     if token_id is None or token_id == tokenizer.unk_token_id:
         raise CheckpointError(f"{path}: the tokenizer has no {token!r} token, which InternVL prompts need")
     return int(token_id)
+
+
+def text_normalizer(tokenizer) -> Callable[[str], str]:
+    """The normalization the tokenizer applies to text before splitting it into tokens (Unicode
+    composition, SentencePiece's whitespace and control-character rules): what max_token_bytes
+    bounds. Normalizing may shorten a text a lot (a run of spaces collapsed, a control character
+    dropped), so a bound from the raw bytes alone could refuse a prompt that fits."""
+    if isinstance(tokenizer, SentencePieceTokenizer):
+        return tokenizer.sp.normalize
+    normalizer = getattr(getattr(tokenizer, "backend_tokenizer", None), "normalizer", None)
+    return normalizer.normalize_str if normalizer is not None else _unchanged
+
+
+def _unchanged(text: str) -> str:
+    return text
 
 
 def max_token_bytes(tokenizer) -> int:
