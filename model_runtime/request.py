@@ -92,6 +92,7 @@ class EngineStats:
 
     num_running: int = 0
     num_waiting: int = 0
+    num_paused: int = 0  # running requests whose clients are not reading
     cache_usage: float = 0.0  # KV blocks in use / total
     cache_used_blocks: int = 0
     cache_total_blocks: int = 0

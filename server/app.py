@@ -15,6 +15,7 @@ from starlette.middleware.cors import CORSMiddleware
 from model_runtime.engine_client import EngineClient
 from server.chat import ChatService
 from server.errors import install_error_handlers
+from server.loop_monitor import LoopLagMonitor
 from server.media import MediaFetcher
 from server.metrics import Metrics
 from server.middleware import APIKeyMiddleware, BodyLimitMiddleware, DrainMiddleware, RequestContextMiddleware
@@ -39,7 +40,8 @@ def create_app(
     """The app serving `engine`. The engine's lifetime belongs to the caller (the CLI starts it
     before and shuts it down after); the lifespan here closes what the app itself opened."""
     names = list(settings.served_model_name) or [default_model_name or _name_from_model(settings.model)]
-    metrics = Metrics(names[0], engine)
+    loop_lag = LoopLagMonitor(settings.max_event_loop_lag_s)
+    metrics = Metrics(names[0], engine, loop_lag)
     fetcher = fetcher or MediaFetcher(settings)
     state = ServerState(
         settings=settings,
@@ -48,14 +50,17 @@ def create_app(
         metrics=metrics,
         fetcher=fetcher,
         chat=ChatService(settings, engine, fetcher, metrics, names),
+        loop_lag=loop_lag,
     )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         logger.info("serving model(s) %s", ", ".join(names))
+        state.loop_lag.start()
         try:
             yield
         finally:
+            await state.loop_lag.stop()
             await fetcher.aclose()
 
     app = FastAPI(
@@ -115,7 +120,7 @@ def _middleware(settings: Settings, state: ServerState) -> list[Middleware]:
     stack += [
         Middleware(DrainMiddleware, is_draining=lambda: state.draining, exempt={HEALTH_PATH, METRICS_PATH}),
         Middleware(APIKeyMiddleware, api_keys=settings.api_keys, public_paths=public),
-        Middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes),
+        Middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s),
     ]
     return stack
 

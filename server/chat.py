@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import anyio
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
+from starlette.types import Message as ASGIMessage
 from starlette.types import Receive, Scope, Send
 
 from model_runtime.engine_client import EngineClient, ModelInfo
@@ -208,6 +209,7 @@ class ChatService:
         self._fetcher = fetcher
         self._metrics = metrics
         self._model_names = model_names
+        self.inflight: set[str] = set()  # engine request ids, from generate() to the stream's close
 
     def resolve_model(self, name: str | None) -> str:
         if name is None:
@@ -252,20 +254,38 @@ class ChatService:
         # Server-made and unguessable: a client-chosen id could collide with (and abort) another's.
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         outputs = self._engine.generate(request_id, chat, params, cache_salt=cache_salt)
+        self.inflight.add(request_id)
+
+        async def release() -> None:
+            self.inflight.discard(request_id)
+            await close_quietly(outputs)
+
         try:
             first = await anext(outputs)
         except BaseException:
-            await close_quietly(outputs)
+            await release()
             raise
         writer = ChunkWriter(request_id, int(time.time()), model)
         if req.stream:
             events = stream_events(writer, params.n, req.include_usage, first, outputs, tracker)
-            return EngineStreamResponse(events, on_close=lambda: close_quietly(outputs))
+            return EngineStreamResponse(
+                events,
+                on_close=release,
+                send_timeout_s=self._settings.stream_send_timeout_s,
+                on_send_timeout=self._metrics.slow_client,
+            )
         try:
             completion = await collect(writer, params.n, first, outputs, tracker)
         finally:
-            await close_quietly(outputs)
+            await release()
         return Response(completion.model_dump_json(), media_type="application/json")
+
+    async def cut_all(self, error: Exception) -> int:
+        """End every request in flight with `error` (the drain deadline); returns how many."""
+        cut = list(self.inflight)
+        for request_id in cut:
+            await self._engine.abort(request_id, error)
+        return len(cut)
 
 
 async def from_first(
@@ -355,20 +375,48 @@ async def close_quietly(outputs: AsyncIterator[RequestOutput]) -> None:
             logger.exception("closing the engine stream failed")
 
 
-class EngineStreamResponse(StreamingResponse):
-    """A StreamingResponse that closes the engine stream on every exit, even if it never started."""
+class SlowClientError(Exception):
+    """A streaming client stopped reading for longer than stream_send_timeout_s."""
 
-    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], Awaitable[None]]) -> None:
+
+class EngineStreamResponse(StreamingResponse):
+    """A StreamingResponse that closes the engine stream on every exit, even if it never started,
+    and gives up on a client that stops reading: a send blocked (the socket's buffers full) for
+    `send_timeout_s` ends the response and aborts the request. Until then its request is paused
+    by the worker once PAUSE_AT_OUTPUTS outputs wait, so nothing piles up."""
+
+    def __init__(
+        self,
+        content: AsyncIterator[str],
+        on_close: Callable[[], Awaitable[None]],
+        *,
+        send_timeout_s: float | None = None,
+        on_send_timeout: Callable[[], None] | None = None,
+    ) -> None:
         super().__init__(
             content,
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
         self._on_close = on_close
+        self._send_timeout_s = send_timeout_s
+        self._on_send_timeout = on_send_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        timeout = self._send_timeout_s
+
+        async def bounded_send(message: ASGIMessage) -> None:
+            with anyio.move_on_after(timeout) as deadline:
+                await send(message)
+            if deadline.cancelled_caught:
+                raise SlowClientError
+
         try:
-            await super().__call__(scope, receive, send)
+            await super().__call__(scope, receive, send if timeout is None else bounded_send)
+        except SlowClientError:
+            logger.warning("client read nothing for %.0f s; stream closed and request aborted", timeout)
+            if self._on_send_timeout is not None:
+                self._on_send_timeout()
         finally:
             with anyio.CancelScope(shield=True):
                 await self._on_close()

@@ -14,13 +14,15 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Generator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Generator, Mapping, Sequence
 from types import FrameType
 
 import uvicorn
 
 from model_runtime.engine_client import EngineClient
-from server.app import begin_drain, create_app
+from server.app import create_app
+from server.connections import connection_cap, guarded_protocol, raise_descriptor_limit
+from server.drain import CUT_GRACE_S, drain
 from server.log import configure_logging
 from server.settings import Settings, SettingsError, field_kind, option_order
 
@@ -117,6 +119,12 @@ async def run(settings: Settings) -> int:
 async def serve(settings: Settings, engine: EngineClient, *, default_model_name: str | None = None) -> int:
     """Serve `engine` until a signal (exit 0 after draining) or its death (exit 1)."""
     app = create_app(settings, engine, default_model_name=default_model_name)
+    descriptors = raise_descriptor_limit()
+    max_connections = connection_cap(settings.max_connections, descriptors)
+    if max_connections < settings.max_connections:
+        logger.warning(
+            "max_connections lowered to %d: the process may open %d files", max_connections, descriptors
+        )
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -124,9 +132,13 @@ async def serve(settings: Settings, engine: EngineClient, *, default_model_name:
         log_config=None,
         log_level=settings.log_level,
         lifespan="on",
-        timeout_graceful_shutdown=settings.drain_timeout_s,  # type: ignore[arg-type]
+        http=guarded_protocol(header_timeout_s=settings.header_timeout_s, max_connections=max_connections),
+        timeout_keep_alive=settings.keep_alive_timeout_s,  # type: ignore[arg-type]
+        # After the drain (server/drain.py) only idle or already-cut connections remain.
+        timeout_graceful_shutdown=int(CUT_GRACE_S) + 1,
     )
-    server = DrainingServer(config, on_exit_signal=lambda: begin_drain(app))
+    state = app.state.server
+    server = DrainingServer(config, drain=lambda: drain(state, settings.drain_timeout_s))
     died = False
 
     def on_dead() -> None:
@@ -160,19 +172,38 @@ async def watch_engine(
 
 
 class DrainingServer(uvicorn.Server):
-    """uvicorn.Server that marks the app draining on SIGTERM/SIGINT, and exits 0 afterwards.
+    """uvicorn.Server that drains on SIGTERM/SIGINT before it stops listening, and exits 0 after.
 
-    uvicorn re-raises a captured signal once it has shut down, which would end the process
-    "killed by SIGTERM"; a drained server should report success instead.
+    uvicorn stops accepting connections at the first signal; we keep serving (503s to new
+    requests, server/drain.py) until the drain is over, then let uvicorn shut down. A second
+    signal skips the rest of the drain; a third is uvicorn's forced exit. uvicorn also re-raises a
+    captured signal once it has shut down, which would end the process "killed by SIGTERM"; a
+    drained server reports success instead.
     """
 
-    def __init__(self, config: uvicorn.Config, *, on_exit_signal: Callable[[], None]) -> None:
+    def __init__(self, config: uvicorn.Config, *, drain: Callable[[], Awaitable[None]]) -> None:
         super().__init__(config)
-        self._on_exit_signal = on_exit_signal
+        self._drain = drain
+        self._draining = False
+        self._drain_task: asyncio.Task[None] | None = None
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        self._on_exit_signal()
+        if not self._draining:
+            self._draining = True
+            # A signal handler runs between any two bytecodes of the loop: start the drain from
+            # the loop itself.
+            asyncio.get_running_loop().call_soon_threadsafe(self._start_drain)
+            return
         super().handle_exit(sig, frame)
+
+    def _start_drain(self) -> None:
+        self._drain_task = asyncio.get_running_loop().create_task(self._drain_then_exit())
+
+    async def _drain_then_exit(self) -> None:
+        try:
+            await self._drain()
+        finally:
+            self.should_exit = True
 
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:

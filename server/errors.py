@@ -20,6 +20,7 @@ from model_runtime.errors import (
     EngineDeadError,
     InvalidRequestError,
     MediaError,
+    MediaTimeoutError,
     MediaTooLargeError,
     PromptTooLongError,
     QueueFullError,
@@ -92,6 +93,12 @@ class MethodNotAllowedError(APIError):
     status_code = 405
 
 
+class RequestTimeoutError(APIError):
+    """408: the request did not arrive in time (a body sent too slowly)."""
+
+    status_code = 408
+
+
 class PayloadTooLargeError(APIError):
     """413: the body, an image or a video is over its configured limit."""
 
@@ -106,6 +113,20 @@ class ServiceUnavailableError(APIError):
 
     def __init__(self, message: str, *, code: str, retry_after_s: int = UNAVAILABLE_RETRY_AFTER_S) -> None:
         super().__init__(message, code=code, headers={"Retry-After": str(retry_after_s)})
+
+
+class ShutdownCutError(APIError):
+    """500: the server shut down before the request finished (cut at the drain deadline)."""
+
+    status_code = 500
+    error_type = "server_error"
+
+    def __init__(self, drain_timeout_s: float) -> None:
+        super().__init__(
+            f"The server is shutting down and the request did not finish within its {drain_timeout_s:g} s "
+            "drain; retry it.",
+            code="server_shutting_down",
+        )
 
 
 class InternalServerError(APIError):
@@ -127,6 +148,8 @@ def from_runtime_error(exc: RuntimeErrorBase) -> APIError:
         return PayloadTooLargeError(exc.message, param=exc.param, code="media_too_large")
     if isinstance(exc, PromptTooLongError):
         return BadRequestError(exc.message, param=exc.param or "messages", code="context_length_exceeded")
+    if isinstance(exc, MediaTimeoutError):
+        return BadRequestError(exc.message, param=exc.param, code="media_decode_timeout")
     if isinstance(exc, MediaError):
         return BadRequestError(exc.message, param=exc.param, code="invalid_media")
     if isinstance(exc, InvalidRequestError):

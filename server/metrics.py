@@ -12,6 +12,7 @@ from prometheus_client.registry import Collector
 
 from model_runtime.engine_client import EngineClient
 from model_runtime.request import RequestOutput
+from server.loop_monitor import LoopLagMonitor
 
 PREFIX = "internvl:"
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0)
@@ -21,18 +22,32 @@ _ITL_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0
 class _EngineGauges(Collector):
     """Reads `engine.stats()` at scrape time, so the gauges are never stale."""
 
-    def __init__(self, engine: EngineClient, model_name: str) -> None:
+    def __init__(self, engine: EngineClient, model_name: str, loop_lag: LoopLagMonitor | None) -> None:
         self._engine = engine
         self._model_name = model_name
+        self._loop_lag = loop_lag
 
     def collect(self) -> Iterable[Metric]:
         stats = self._engine.stats()
         values = (
             ("num_requests_running", "Requests being generated.", stats.num_running),
             ("num_requests_waiting", "Requests waiting to be scheduled.", stats.num_waiting),
+            (
+                "num_requests_paused",
+                "Running requests paused because their client is not reading.",
+                stats.num_paused,
+            ),
             ("kv_cache_usage_perc", "Fraction of the KV cache in use (0-1).", stats.cache_usage),
             ("vision_cache_bytes", "Bytes held by the vision-embedding cache.", stats.vision_cache_bytes),
         )
+        if self._loop_lag is not None:
+            values += (
+                (
+                    "event_loop_lag_seconds",
+                    "Worst event-loop wake-up lag of the last 10 s.",
+                    self._loop_lag.lag_s,
+                ),
+            )
         for name, doc, value in values:
             gauge = GaugeMetricFamily(PREFIX + name, doc, labels=["model_name"])
             gauge.add_metric([self._model_name], float(value))
@@ -42,7 +57,7 @@ class _EngineGauges(Collector):
 class Metrics:
     """The server's private registry and the per-request instruments, labelled with the model name."""
 
-    def __init__(self, model_name: str, engine: EngineClient) -> None:
+    def __init__(self, model_name: str, engine: EngineClient, loop_lag: LoopLagMonitor | None = None) -> None:
         self.model_name = model_name
         self.registry = CollectorRegistry()
         r = self.registry
@@ -76,7 +91,11 @@ class Metrics:
             ["model_name", "error_type"],
             registry=r,
         )
-        r.register(_EngineGauges(engine, model_name))
+        self._slow_clients = counter(
+            "slow_client_aborts",
+            "Streams closed because their client read nothing for stream_send_timeout_s.",
+        )
+        r.register(_EngineGauges(engine, model_name, loop_lag))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -89,6 +108,9 @@ class Metrics:
 
     def error(self, error_type: str) -> None:
         self._errors.labels(self.model_name, error_type).inc()
+
+    def slow_client(self) -> None:
+        self._slow_clients.inc()
 
 
 class RequestTracker:

@@ -12,12 +12,14 @@ import re
 import uuid
 from collections.abc import Callable, Iterable
 
+import anyio
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.errors import (
     AuthenticationError,
     PayloadTooLargeError,
+    RequestTimeoutError,
     ServiceUnavailableError,
     error_response,
     to_api_error,
@@ -128,9 +130,10 @@ class BodyLimitMiddleware:
     The body is read here (bounded) and replayed to the app, so the app never sees a partial body.
     """
 
-    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, *, max_bytes: int, timeout_s: float | None = None) -> None:
         self.app = app
         self._max = max_bytes
+        self._timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in _BODY_METHODS:
@@ -145,18 +148,26 @@ class BodyLimitMiddleware:
             return
         chunks: list[bytes] = []
         size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return  # the client left before sending its body: nothing to answer
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self._max:
-                await error_response(too_large)(scope, receive, send)
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
+        # A body trickled in slowly holds a connection and a task: it must all arrive in time.
+        with anyio.move_on_after(self._timeout_s) as deadline:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return  # the client left before sending its body: nothing to answer
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > self._max:
+                    await error_response(too_large)(scope, receive, send)
+                    return
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    break
+        if deadline.cancelled_caught:
+            late = RequestTimeoutError(
+                f"The request body did not arrive within {self._timeout_s:g} s.", code="body_timeout"
+            )
+            await error_response(late)(scope, receive, send)
+            return
         body: bytes | None = b"".join(chunks)
 
         async def replay() -> Message:

@@ -56,10 +56,10 @@ async def retrieve_model(model_id: str, request: Request) -> ModelCard:
 @router.get("/health")
 @router.head("/health", include_in_schema=False)
 async def health(request: Request) -> JSONResponse:
-    """200 only when the engine is ready and the server is not draining; 503 otherwise."""
+    """200 only when the engine is ready, the server not draining and its event loop not lagging."""
     state = _state(request)
-    status = "draining" if state.draining else state.engine.health
-    return JSONResponse({"status": status}, status_code=200 if state.ready else 503)
+    status = state.status
+    return JSONResponse({"status": status}, status_code=200 if status == "ready" else 503)
 
 
 @router.get("/metrics")

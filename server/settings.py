@@ -46,7 +46,22 @@ class Settings(EngineOptions):
     log_level: LogLevel = "info"
     """critical, error, warning, info, debug or trace"""
     drain_timeout_s: float = Field(30.0, ge=0)
-    """on SIGTERM, how long in-flight requests may take to finish before the process exits"""
+    """on SIGTERM, how long in-flight requests may take to finish before they are cut (with an error
+    event, or a 500) and the process exits; new requests get 503 meanwhile"""
+    header_timeout_s: float = Field(10.0, gt=0)
+    """a connection must send a request's headers within this many seconds (of connecting, or of its
+    previous response), or it is closed"""
+    body_timeout_s: float = Field(60.0, gt=0)
+    """a request's body must arrive within this many seconds of its headers (408 after)"""
+    keep_alive_timeout_s: float = Field(5.0, gt=0)
+    """an idle keep-alive connection is closed after this many seconds"""
+    max_connections: int = Field(1000, ge=1)
+    """open connections; one over the limit is closed at once (lowered to fit the process's file limit)"""
+    max_event_loop_lag_s: float = Field(2.0, gt=0)
+    """/health answers 503 "lagging" while the event loop has woken this much late within 10 s"""
+    stream_send_timeout_s: float = Field(60.0, gt=0)
+    """a streaming client that reads nothing for this long is disconnected and its request aborted
+    (its generation pauses long before: a few dozen tokens ahead of the client)"""
 
     # Security.
     api_keys: list[str] = Field(default_factory=list, repr=False)

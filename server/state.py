@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from model_runtime.engine_client import EngineClient
 from server.chat import ChatService
 from server.errors import NotFoundError, printable
+from server.loop_monitor import LoopLagMonitor
 from server.media import MediaFetcher
 from server.metrics import Metrics
 from server.protocol import ModelCard, ModelList
@@ -25,6 +26,7 @@ class ServerState:
     metrics: Metrics
     fetcher: MediaFetcher
     chat: ChatService
+    loop_lag: LoopLagMonitor
     created: int = field(default_factory=lambda: int(time.time()))
     draining: bool = False
 
@@ -34,8 +36,17 @@ class ServerState:
         return BodyLimits(s.max_messages, s.max_content_parts, s.max_stop_token_ids)
 
     @property
+    def status(self) -> str:
+        """What /health reports: ready, draining, lagging, or the engine's state."""
+        if self.draining:
+            return "draining"
+        if self.engine.health == "ready" and self.loop_lag.lagging:
+            return "lagging"
+        return self.engine.health
+
+    @property
     def ready(self) -> bool:
-        return not self.draining and self.engine.health == "ready"
+        return self.status == "ready"
 
     def model_card(self, name: str) -> ModelCard:
         if name not in self.model_names:

@@ -84,6 +84,7 @@ class FakeEngine:
     calls: list[tuple[str, ChatInput, SamplingParams]] = field(default_factory=list)
     aborted: list[str] = field(default_factory=list)
     cache_salts: list[str] = field(default_factory=list)
+    cut: dict[str, Exception] = field(default_factory=dict)
     finished: list[str] = field(default_factory=list)
     _born: float = field(default_factory=time.monotonic)
 
@@ -102,8 +103,10 @@ class FakeEngine:
         self.cache_salts.append(cache_salt)
         return self._generate(request_id, chat, params)
 
-    async def abort(self, request_id: str) -> None:
+    async def abort(self, request_id: str, error: Exception | None = None) -> None:
         self.aborted.append(request_id)
+        if error is not None:
+            self.cut[request_id] = error
 
     async def _generate(
         self, request_id: str, chat: ChatInput, params: SamplingParams
@@ -131,6 +134,13 @@ class FakeEngine:
                     return
                 if self.token_delay_s:
                     await asyncio.sleep(self.token_delay_s)
+                if request_id in self.cut:
+                    done = True
+                    yield RequestOutput(
+                        request_id, [], prompt_tokens, completion_tokens, image_tokens,
+                        finished=True, error=self.cut[request_id],
+                    )  # fmt: skip
+                    return
                 deltas = [d for i, c in enumerate(choices) if (d := _step(c, i, step, params)) is not None]
                 completion_tokens += sum(len(d.token_ids) for d in deltas)
                 done = all(c.finish is not None for c in choices)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import os
 import re
 import signal
@@ -12,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -641,26 +642,32 @@ async def test_watchdog_fires_once_the_engine_is_dead() -> None:
 # -- the process: SIGTERM drains, a dead engine ends it ------------------------------------------
 
 SERVE_FAKE = """
-import asyncio, sys
+import asyncio, json, sys
 from server.cli import serve
 from server.log import configure_logging
 from server.settings import Settings
 from tests.fakes import FakeEngine
 configure_logging("info")
-settings = Settings(port=int(sys.argv[1]), drain_timeout_s=10, served_model_name=["fake-model"])
+overrides = {"drain_timeout_s": 10, **json.loads(sys.argv[2])}
+settings = Settings(port=int(sys.argv[1]), served_model_name=["fake-model"], **overrides)
 sys.exit(asyncio.run(serve(settings, FakeEngine(token_delay_s=0.05, die_on_text="die"))))
 """
 
 
 @pytest.fixture
-def served(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-    """`server.cli.serve` over a FakeEngine in a subprocess, on a free loopback port."""
+def served(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """`server.cli.serve` over a FakeEngine in a subprocess, on a free loopback port; settings
+    overrides come from the test's `settings` mark."""
+    mark = request.node.get_closest_marker("settings")
+    overrides = json.dumps(mark.kwargs if mark else {})
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = (tmp_path / "server.log").open("wb")
     repo = Path(__file__).resolve().parents[1]
-    proc = subprocess.Popen([sys.executable, "-c", SERVE_FAKE, str(port)], cwd=repo, stdout=log, stderr=log)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SERVE_FAKE, str(port), overrides], cwd=repo, stdout=log, stderr=log
+    )
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 15
     while True:
@@ -690,18 +697,125 @@ def test_sigterm_drains_in_flight_streams_then_exits_0(served: tuple[subprocess.
         chunks = r.iter_bytes()
         received = next(chunks)
         os.kill(proc.pid, signal.SIGTERM)
-        # A new request is refused: 503 if it reaches the app, or no connection at all.
-        try:
-            late = httpx.post(f"{base}/v1/chat/completions", json=chat(), timeout=5)
-            assert late.status_code == 503 and "retry-after" in late.headers
-        except httpx.TransportError:
-            pass
+        time.sleep(0.2)
+        # The server keeps listening while it drains: new requests get 503 and Retry-After.
+        late = httpx.post(f"{base}/v1/chat/completions", json=chat(), timeout=5)
+        assert late.status_code == 503 and "retry-after" in late.headers
+        assert late.json()["error"]["code"] == "draining"
+        health = httpx.get(f"{base}/health", timeout=5)
+        assert health.status_code == 503 and health.json()["status"] == "draining"
         received += b"".join(chunks)
     events = parse_sse(received.decode())
     assert events[-1] == "[DONE]"
     content = "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1])
     assert content == f"echo: {words}"  # the in-flight stream completed
     assert proc.wait(timeout=10) == 0
+
+
+@pytest.mark.settings(drain_timeout_s=0.5)
+def test_requests_past_the_drain_deadline_end_with_an_error(
+    served: tuple[subprocess.Popen[bytes], str],
+) -> None:
+    """A stream still running at the deadline gets an error event and [DONE]; a non-streaming
+    request a JSON 500; both name the shutdown."""
+    proc, base = served
+    words = " ".join(f"w{i}" for i in range(100))  # about 5 s of output
+
+    async def run() -> tuple[bytes, httpx.Response]:
+        async with httpx.AsyncClient(base_url=base, timeout=15) as c:
+
+            async def stream() -> bytes:
+                async with c.stream("POST", "/v1/chat/completions", json=chat(words, stream=True)) as r:
+                    return b"".join([chunk async for chunk in r.aiter_bytes()])
+
+            streamed = asyncio.create_task(stream())
+            whole = asyncio.create_task(c.post("/v1/chat/completions", json=chat(words)))
+            await asyncio.sleep(0.5)
+            os.kill(proc.pid, signal.SIGTERM)
+            return await streamed, await whole
+
+    received, whole = asyncio.run(run())
+    events = parse_sse(received.decode())
+    assert events[-1] == "[DONE]"
+    assert events[-2]["error"]["code"] == "server_shutting_down"
+    assert whole.status_code == 500 and whole.json()["error"]["code"] == "server_shutting_down"
+    assert proc.wait(timeout=10) == 0
+
+
+@pytest.fixture
+def connect() -> Iterator[Callable[[str], socket.socket]]:
+    """Opens raw connections to a server; all closed after the test."""
+    opened: list[socket.socket] = []
+
+    def open_(base: str) -> socket.socket:
+        host, port = base.removeprefix("http://").split(":")
+        opened.append(socket.create_connection((host, int(port)), timeout=5))
+        return opened[-1]
+
+    yield open_
+    for sock in opened:
+        sock.close()
+
+
+def _closed_within(sock: socket.socket, seconds: float) -> bool:
+    """Whether the server closes the connection (reads end) within `seconds`."""
+    sock.settimeout(seconds)
+    try:
+        while sock.recv(4096):
+            pass
+        return True
+    except TimeoutError:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+@pytest.mark.settings(header_timeout_s=0.5)
+def test_half_sent_headers_are_cut_at_the_header_deadline(
+    served: tuple[subprocess.Popen[bytes], str], connect: Callable[[str], socket.socket]
+) -> None:
+    _, base = served
+    silent, partial = connect(base), connect(base)
+    partial.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # never the blank line
+    assert _closed_within(silent, 3) and _closed_within(partial, 3)
+    # A complete request on time is served, and its kept-alive connection gets a new deadline.
+    kept = connect(base)
+    kept.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert kept.recv(4096).startswith(b"HTTP/1.1 200")
+    kept.sendall(b"GET /heal")
+    assert _closed_within(kept, 3)
+
+
+@pytest.mark.settings(body_timeout_s=0.5)
+def test_a_body_sent_too_slowly_is_a_408(
+    served: tuple[subprocess.Popen[bytes], str], connect: Callable[[str], socket.socket]
+) -> None:
+    _, base = served
+    sock = connect(base)
+    sock.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b'Content-Length: 200\r\n\r\n{"messages"'
+    )
+    sock.settimeout(5)
+    answer = b""
+    while b"body_timeout" not in answer and (chunk := sock.recv(4096)):
+        answer += chunk
+    assert answer.startswith(b"HTTP/1.1 408") and b"body_timeout" in answer
+
+
+@pytest.mark.settings(max_connections=4)
+def test_connections_over_the_cap_are_closed_at_once(
+    served: tuple[subprocess.Popen[bytes], str], connect: Callable[[str], socket.socket]
+) -> None:
+    _, base = served
+    held = [connect(base) for _ in range(4)]
+    time.sleep(0.2)
+    over = [connect(base) for _ in range(3)]
+    assert all(_closed_within(sock, 2) for sock in over)
+    for sock in held:
+        sock.close()
+    time.sleep(0.2)
+    assert httpx.get(f"{base}/health", timeout=5).status_code == 200
 
 
 def test_dead_engine_fails_health_then_exits_nonzero(served: tuple[subprocess.Popen[bytes], str]) -> None:
@@ -740,3 +854,81 @@ async def test_caches_keyed_by_api_key_when_isolated() -> None:
         for key in ("k1", "k2"):
             await c.post("/v1/chat/completions", json=chat(), headers={"Authorization": f"Bearer {key}"})
     assert shared.cache_salts == ["", ""]  # the default: one cache for all
+
+
+# -- a stalled loop, slow clients, log floods ----------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_health_reports_a_lagging_event_loop() -> None:
+    app = make_app(max_event_loop_lag_s=0.3)
+    async with client(app) as c:
+        assert (await c.get("/health")).json() == {"status": "ready"}
+        await asyncio.sleep(0.05)  # the monitor's first sample is under way
+        time.sleep(0.6)  # noqa: ASYNC251 - the point: something holds the event loop
+        await asyncio.sleep(0.4)  # the monitor's next wake-up measures it
+        r = await c.get("/health")
+        assert r.status_code == 503 and r.json() == {"status": "lagging"}
+        metrics = (await c.get("/metrics")).text
+    lag = next(line for line in metrics.splitlines() if line.startswith("internvl:event_loop_lag_seconds{"))
+    assert float(lag.rsplit(" ", 1)[1]) >= 0.3
+
+
+def test_the_lag_window_forgets_old_stalls() -> None:
+    from server.loop_monitor import LoopLagMonitor
+
+    monitor = LoopLagMonitor(1.0, window_s=10)
+    monitor.record(3.0, now=100.0)
+    assert monitor.lagging and monitor.lag_s == 3.0
+    monitor.record(0.01, now=111.0)
+    assert not monitor.lagging
+
+
+@pytest.mark.anyio
+async def test_a_client_that_stops_reading_is_cut_after_the_send_timeout() -> None:
+    from server.chat import EngineStreamResponse
+
+    closed, timed_out = asyncio.Event(), []
+
+    async def events() -> AsyncIterator[str]:
+        for i in range(10):
+            yield f"data: {i}\n\n"
+
+    async def on_close() -> None:
+        closed.set()
+
+    response = EngineStreamResponse(
+        events(), on_close, send_timeout_s=0.2, on_send_timeout=lambda: timed_out.append(1)
+    )
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+        if message["type"] == "http.response.body" and message.get("body"):
+            await asyncio.sleep(3600)  # the socket's buffers are full: the client reads nothing
+
+    async def receive() -> dict[str, Any]:
+        await asyncio.sleep(3600)
+        return {"type": "http.disconnect"}
+
+    scope = {"type": "http", "asgi": {"spec_version": "2.4"}, "method": "POST", "path": "/", "headers": []}
+    await asyncio.wait_for(response(scope, receive, send), 5)
+    assert closed.is_set() and timed_out == [1]
+    assert sum(1 for m in sent if m.get("body")) == 1  # nothing after the blocked send
+
+
+def test_log_floods_are_rate_limited() -> None:
+    from server.log import RateLimitFilter
+
+    now = [0.0]
+    limiter = RateLimitFilter(rate=10, burst=5, clock=lambda: now[0])
+
+    def record(msg: str) -> logging.LogRecord:
+        return logging.LogRecord("uvicorn.error", logging.WARNING, __file__, 1, msg, None, None)
+
+    passed = [limiter.filter(record("Invalid HTTP request received.")) for _ in range(100)]
+    assert sum(passed) == 5
+    assert limiter.filter(record("another message"))  # each kind has its own budget
+    now[0] = 1.0
+    later = record("Invalid HTTP request received.")
+    assert limiter.filter(later) and "95 similar messages suppressed" in later.getMessage()

@@ -277,6 +277,23 @@ def test_queue_full_too_long_and_too_many_choices_are_refused() -> None:
     with pytest.raises(PromptTooLongError, match="max_model_len 64"):
         sched.check_fits(60, 8)
     assert sched.check_fits(60, None) == 4
+    # n choices must fit the cache together at full length (64 usable blocks of 4 tokens here).
+    assert sched.check_fits(30, 34, n=4) == 34
+    with pytest.raises(InvalidRequestError, match="n=5") as info:
+        sched.check_fits(30, 34, n=5)
+    assert info.value.param == "n"
+
+
+def test_a_request_that_fills_the_whole_cache_is_admitted_when_alone() -> None:
+    """The growth reserve protects running sequences; it must not keep out a request that needs
+    every block when nothing else runs (it would wait forever)."""
+    sched = make_scheduler(blocks=9, block_size=4, max_model_len=32, reserve=1)
+    request = make_request(31, n=1, max_tokens=1)  # 8 blocks: all of them
+    request.max_tokens = sched.check_fits(request.prompt_len, 1)
+    sched.add(request)
+    engine = FakeEngine(sched)
+    engine.run()
+    assert request.finished
 
 
 # -- memory: preemption, forks, prefix reuse --------------------------------------------------------
@@ -420,6 +437,10 @@ class SchedulerMachine(RuleBasedStateMachine):
         prompt = [base] * 8 + list(range(extra))  # a few shared prefixes
         images = [(image_key, 2, 2, 3)] if with_image else []
         request = make_request(prompt, n=n, max_tokens=min(max_tokens, 60 - len(prompt)), images=images)
+        try:  # as Engine.add does
+            request.max_tokens = self.sched.check_fits(request.prompt_len, request.max_tokens, n=n)
+        except InvalidRequestError:
+            return  # n choices that cannot all fit the cache at once
         with contextlib.suppress(QueueFullError):
             self.sched.add(request)
 

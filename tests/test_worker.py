@@ -172,3 +172,28 @@ def test_refusals_hold_nothing(worker: Worker) -> None:
         gc.enable()
     # Held, 24 refusals would keep at least 24 x 17 MB; what remains is the allocator's noise.
     assert grown < 120, f"RSS grew {grown:.0f} MiB over 24 refused requests"
+
+
+def test_a_stream_nobody_reads_pauses_and_resumes(worker: Worker) -> None:
+    """Outputs a client does not read stop piling up: the request pauses (keeping its memory) once
+    PAUSE_AT_OUTPUTS are waiting, other streams go on, and it resumes when read."""
+    from model_runtime.engine.worker import PAUSE_AT_OUTPUTS
+
+    async def main():
+        params = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
+        slow = worker.generate("slow", chat(), params)
+        await slow.__anext__()
+        others = await collect(
+            worker, "other", SamplingParams(max_tokens=120, temperature=0.0, ignore_eos=True)
+        )
+        await asyncio.sleep(0.3)
+        request = worker.engine.requests["slow"]
+        generated = len(request.seqs[0].output_ids)
+        paused = request.paused
+        rest = [output async for output in slow]
+        return others, generated, paused, rest
+
+    others, generated, paused, rest = asyncio.run(main())
+    assert others[-1].completion_tokens == 120  # not held up by the paused stream
+    assert paused and generated <= PAUSE_AT_OUTPUTS + 2  # the step in flight when it paused
+    assert rest[-1].finished and rest[-1].completion_tokens == 400

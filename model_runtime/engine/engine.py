@@ -155,7 +155,7 @@ class Engine:
     def _admit(self, request: Request) -> None:
         params = request.params
         request.max_tokens = self.scheduler.check_fits(
-            request.prompt_len, params.max_tokens, request.image_token_count
+            request.prompt_len, params.max_tokens, request.image_token_count, n=request.n
         )
         request.cache_root += self.runner.rotary.cache_root(request.prompt_len)
         tail = request.prompt_ids[-4:]
@@ -164,6 +164,12 @@ class Engine:
             if params.seed is not None and not params.greedy:
                 seq.generator = make_generator((params.seed + seq.index) % 2**64, self.runner.device)
         self.scheduler.add(request)
+
+    def pause(self, request_id: str, paused: bool) -> None:
+        """Stop (or resume) decoding a request whose client is not reading its outputs."""
+        request = self.requests.get(request_id)
+        if request is not None:
+            request.paused = paused
 
     def abort(self, request_id: str) -> None:
         request = self.requests.pop(request_id, None)
@@ -177,9 +183,13 @@ class Engine:
 
     # -- the step ----------------------------------------------------------------------------------
 
-    def step(self) -> None:
+    def step(self) -> bool:
+        """One step; False if there was nothing it could do (waiting requests that do not fit while
+        paused ones hold the memory)."""
         started = time.perf_counter()
         plan = self.scheduler.schedule()
+        if not plan.chunks and not plan.vision and not plan.preempted:
+            return False
         decodes = sum(c.end - c.start == 1 for c in plan.chunks)
         decode_only = not plan.vision and decodes == len(plan.chunks)
         if plan.vision:
@@ -191,6 +201,7 @@ class Engine:
         for request in touched.values():
             if request.request_id in self.requests:  # not failed (a failure sent its own output)
                 self._emit(request)
+        return True
 
     def _encode(self, plan: StepPlan) -> None:
         started = time.perf_counter()
@@ -373,6 +384,7 @@ class Engine:
         return EngineStats(
             num_running=sched.num_running,
             num_waiting=sched.num_waiting,
+            num_paused=sum(r.paused for r in sched.running),
             cache_usage=self.kv.usage,
             cache_used_blocks=self.kv.pool.num_used,
             cache_total_blocks=self.kv.pool.num_usable,

@@ -262,14 +262,28 @@ class Scheduler:
 
     # -- admission control -----------------------------------------------------------------------
 
-    def check_fits(self, prompt_len: int, max_tokens: int | None, image_tokens: int = 0) -> int:
-        """Return the effective max_tokens, or raise PromptTooLongError naming both numbers."""
+    def check_fits(self, prompt_len: int, max_tokens: int | None, image_tokens: int = 0, n: int = 1) -> int:
+        """Return the effective max_tokens, or raise PromptTooLongError naming both numbers.
+
+        The `n` choices must also fit the KV cache together, each at its full length: a request
+        preempted after its choices diverged is recomputed choice by choice, and one that could not
+        be admitted again would wait forever.
+        """
         if max_tokens is None:
             if prompt_len >= self.max_model_len:
                 raise PromptTooLongError(self._too_long(prompt_len, image_tokens, None), param="messages")
-            return self.max_model_len - prompt_len
-        if prompt_len + max_tokens > self.max_model_len:
+            max_tokens = self.max_model_len - prompt_len
+        elif prompt_len + max_tokens > self.max_model_len:
             raise PromptTooLongError(self._too_long(prompt_len, image_tokens, max_tokens), param="messages")
+        blocks = n * self.kv.blocks_for(prompt_len + max_tokens)
+        if n > 1 and blocks > self.kv.pool.num_usable:
+            capacity = self.kv.pool.num_usable * self.kv.block_size
+            raise InvalidRequestError(
+                f"n={n} choices of up to {prompt_len + max_tokens} tokens each need "
+                f"{n * (prompt_len + max_tokens)} tokens of KV cache, more than the {capacity} it holds; "
+                "lower n or max_tokens",
+                param="n",
+            )
         return max_tokens
 
     def _too_long(self, prompt_len: int, image_tokens: int, max_tokens: int | None) -> str:
@@ -324,7 +338,7 @@ class Scheduler:
     def _schedule_decodes(self, plan: StepPlan) -> None:
         copies: list[tuple[int, int, Request]] = []
         for request in list(self.running):
-            if request not in self.running:  # preempted below, for an earlier request's decode
+            if request not in self.running or request.paused:  # preempted below; or its client is behind
                 continue
             for seq in request.active_seqs():
                 if seq.num_pending != 1:
@@ -370,7 +384,10 @@ class Scheduler:
         seqs = request.active_seqs()
         cached = [self.kv.match_prefix(seq) for seq in seqs]
         need = sum(self.kv.blocks_for(s.num_tokens) - len(s.block_table) for s in seqs)
-        if need + self.reserve_blocks > self.kv.pool.num_free:
+        # The reserve keeps room for running sequences to grow; with none running it would only
+        # keep out a request that fits the whole cache.
+        reserve = self.reserve_blocks if self.running else 0
+        if need + reserve > self.kv.pool.num_free:
             for seq in seqs:
                 self.kv.free(seq)
             return False
@@ -496,7 +513,8 @@ class Scheduler:
 
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        """Whether a step could do anything (paused requests wait for their clients, not for steps)."""
+        return bool(self.waiting) or any(not r.paused for r in self.running)
 
     @property
     def num_running(self) -> int:

@@ -121,6 +121,9 @@ class Request:
     cache_root: bytes = b""
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (usage.cached_tokens)
     num_preemptions: int = 0
+    # Its client is not reading: the sequences keep their blocks but do not decode until it is
+    # (outputs nobody reads would only pile up in memory).
+    paused: bool = False
 
     def __post_init__(self) -> None:
         if not self.seqs:

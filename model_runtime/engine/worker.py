@@ -39,6 +39,22 @@ from model_runtime.sampling_params import SamplingParams
 log = logging.getLogger(__name__)
 
 _IDLE_WAIT_S = 0.05
+# Outputs a stream may have waiting for its client before its request stops decoding, and the
+# backlog at which it resumes. An output is one step's tokens for the request (usually one).
+PAUSE_AT_OUTPUTS = 64
+RESUME_AT_OUTPUTS = 16
+
+
+class _Stream:
+    """One request's outputs on their way to the client, on the event loop's side."""
+
+    __slots__ = ("request_id", "outputs", "paused", "cut")
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        self.outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self.paused = False
+        self.cut: Exception | None = None  # abort(request_id, error) ends the stream with this
 
 
 class Worker:
@@ -73,7 +89,8 @@ class Worker:
         self._stats = self.engine.stats()
         # Outputs of the current step, per event loop: delivered with one wake-up per step and loop
         # rather than one per request (each wake-up contends for the GIL with the next step).
-        self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
+        self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, RequestOutput]]] = {}
+        self._streams: dict[str, _Stream] = {}  # touched on the event loop only
         self._thread = threading.Thread(target=self._loop, name="internvl-engine", daemon=True)
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -135,11 +152,13 @@ class Worker:
 
     def _loop(self) -> None:
         engine = self.engine
+        busy = False
         while not self._stop.is_set():
             try:
-                self._drain_commands(block=not engine.scheduler.has_work)
-                if engine.scheduler.has_work:
-                    engine.step()
+                # Block for commands when the last step found nothing to do: idle, or waiting
+                # requests that cannot fit while paused ones hold the memory.
+                self._drain_commands(block=not busy)
+                busy = engine.scheduler.has_work and engine.step()
                 self._stats = engine.stats()
                 self._flush()
             except Exception:  # noqa: BLE001 - anything escaping a step leaves the device state unknown
@@ -151,14 +170,23 @@ class Worker:
                 self._flush()
                 return
 
-    def _post(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, output: RequestOutput) -> None:
-        self._outbox.setdefault(loop, []).append((queue, output))
+    def _post(self, loop: asyncio.AbstractEventLoop, stream: _Stream, output: RequestOutput) -> None:
+        self._outbox.setdefault(loop, []).append((stream, output))
 
     def _flush(self) -> None:
         outbox, self._outbox = self._outbox, {}
         for loop, items in outbox.items():
             with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening any more
-                loop.call_soon_threadsafe(_deliver, items)
+                loop.call_soon_threadsafe(self._deliver, items)
+
+    def _deliver(self, items: list[tuple[_Stream, RequestOutput]]) -> None:
+        """On the event loop: queue each output for its stream; a stream whose client has fallen
+        PAUSE_AT_OUTPUTS behind has its request paused (it keeps its memory, stops decoding)."""
+        for stream, output in items:
+            stream.outputs.put_nowait(output)
+            if not stream.paused and not output.finished and stream.outputs.qsize() >= PAUSE_AT_OUTPUTS:
+                stream.paused = True
+                self._commands.put(("pause", stream.request_id, True))
 
     def _drain_commands(self, *, block: bool) -> None:
         try:
@@ -176,6 +204,8 @@ class Worker:
                 payload = future = item = None  # the refused request is the caller's again, not this frame's
             elif kind == "abort":
                 self.engine.abort(payload)
+            elif kind == "pause":
+                self.engine.pause(payload, future)
             try:
                 item = self._commands.get_nowait()
             except queue.Empty:
@@ -233,32 +263,39 @@ class Worker:
             raise EngineDeadError("the engine is not serving; retry later")
         params.validate()
         loop = asyncio.get_running_loop()
-        outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
-        try:
-            request = await self._prepare(request_id, chat, params, cache_salt)
-            request.sink = functools.partial(self._post, loop, outputs)
-            await asyncio.wrap_future(self._submit(request))
-        except BaseException as exc:
-            # A refusal frees its pixels now, not at the next full collection: the error the client
-            # gets keeps this frame (and the finished ones below it) in its traceback.
-            request = None
-            release_frames(exc)
-            raise
-        del request  # the engine holds it now; this frame must not keep its pixels alive while streaming
+        stream = self._streams[request_id] = _Stream(request_id)
         finished = False
         try:
+            try:
+                request = await self._prepare(request_id, chat, params, cache_salt)
+                if stream.cut is not None:
+                    raise stream.cut
+                request.sink = functools.partial(self._post, loop, stream)
+                await asyncio.wrap_future(self._submit(request))
+            except BaseException as exc:
+                # A refusal frees its pixels now, not at the next full collection: the error the
+                # client gets keeps this frame (and the finished ones below it) in its traceback.
+                request = None
+                release_frames(exc)
+                raise
+            del request  # the engine holds it now; this frame must not keep its pixels while streaming
             while not finished:
-                output = await outputs.get()
+                output = await stream.outputs.get()
                 finished = output.finished
+                if stream.paused and stream.outputs.qsize() <= RESUME_AT_OUTPUTS:
+                    stream.paused = False
+                    self._commands.put(("pause", request_id, False))
                 yield output
         finally:
+            del self._streams[request_id]
             if not finished:
                 self._commands.put(("abort", request_id, None))
 
-    async def abort(self, request_id: str) -> None:
+    async def abort(self, request_id: str, error: Exception | None = None) -> None:
+        """Stop generating for the request; with `error`, its stream ends with a final output
+        carrying it (the server cutting requests at its drain deadline)."""
         self._commands.put(("abort", request_id, None))
-
-
-def _deliver(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
-    for outputs, output in items:
-        outputs.put_nowait(output)
+        stream = self._streams.get(request_id)
+        if error is not None and stream is not None and stream.cut is None:
+            stream.cut = error
+            stream.outputs.put_nowait(RequestOutput(request_id, [], 0, 0, finished=True, error=error))
