@@ -25,6 +25,7 @@ class ModelInfo:
     default_tiles_per_image: int
     default_frames_per_video: int
     template: str
+    tool_format: str = "hermes"  # how the model writes tool calls (inputs/tools.py)
 
 
 class EngineClient(Protocol):

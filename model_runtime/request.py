@@ -7,7 +7,7 @@ The server turns an OpenAI request into a `ChatInput` + `SamplingParams`; the wo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 
 @dataclass(frozen=True)
@@ -32,11 +32,44 @@ Part = str | ImageInput | VideoInput
 
 
 @dataclass(frozen=True)
-class Message:
-    """One chat message; `parts` keep the client's order (text, images and videos)."""
+class ToolCall:
+    """A function call the assistant made: `arguments` is the JSON text of an object."""
 
-    role: Literal["system", "user", "assistant"]
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True)
+class ToolSpec:
+    """A function the model may call; `parameters` is its arguments' JSON schema (None: any object)."""
+
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool = False
+    raw: dict[str, Any] | None = None  # the function object as the client sent it (key order kept)
+
+
+@dataclass(frozen=True)
+class Message:
+    """One chat message; `parts` keep the client's order (text, images and videos). Assistant
+    messages may carry the tool calls they made; a "tool" message is one call's result."""
+
+    role: Literal["system", "user", "assistant", "tool"]
     parts: tuple[Part, ...]
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
+
+
+@dataclass(frozen=True)
+class OutputFormat:
+    """What the answer must be: any JSON object, or JSON valid against `schema` (OpenAI's
+    response_format). `strict`: every keyword of the schema is enforced, or the request refused."""
+
+    kind: Literal["json_object", "json_schema"]
+    schema: dict[str, Any] | None = None
+    strict: bool = False
 
 
 @dataclass(frozen=True)
@@ -44,6 +77,16 @@ class ChatInput:
     """A whole conversation to answer; the last assistant turn is left open by the template."""
 
     messages: tuple[Message, ...]
+    output_format: OutputFormat | None = None
+    tools: tuple[ToolSpec, ...] = ()
+    # "none", "auto", "required", or the name of the one function the answer must call.
+    tool_choice: str = "auto"
+    parallel_tool_calls: bool = True
+
+    @property
+    def calls_forced(self) -> bool:
+        """Whether the answer must be tool calls (tool_choice "required" or a named function)."""
+        return bool(self.tools) and self.tool_choice not in ("none", "auto")
 
 
 @dataclass(frozen=True)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from model_runtime.errors import InvalidRequestError
 
 MAX_N = 16
 MAX_TOP_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
+MAX_LOGIT_BIAS = 300  # OpenAI's limit
 
 
 def _check(ok: bool, param: str, message: str) -> None:
@@ -39,6 +41,9 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     ignore_eos: bool = False
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, -100..100) added to its logit
+    skip_special_tokens: bool = True  # False keeps markers a tool-call parser reads (InternLM2's)
+    constraint: Any = field(default=None, repr=False)  # structured.grammar.Constraint
     extra_stop_token_ids: tuple[int, ...] = field(default=(), repr=False)
 
     @property
@@ -77,4 +82,14 @@ class SamplingParams:
         )
         _check(not self.top_logprobs or self.logprobs, "top_logprobs", "top_logprobs requires logprobs=true")
         _check(self.seed is None or -(2**63) <= self.seed < 2**64, "seed", "seed must fit in 64 bits")
+        _check(
+            len(self.logit_bias) <= MAX_LOGIT_BIAS,
+            "logit_bias",
+            f"at most {MAX_LOGIT_BIAS} logit_bias entries",
+        )
+        _check(
+            all(t >= 0 and -100.0 <= b <= 100.0 for t, b in self.logit_bias),
+            "logit_bias",
+            "logit_bias maps token ids (>= 0) to values between -100 and 100",
+        )
         return self

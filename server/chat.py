@@ -10,10 +10,11 @@ the request in the engine.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -25,7 +26,18 @@ from starlette.types import Receive, Scope, Send
 
 from model_runtime.engine_client import EngineClient, ModelInfo
 from model_runtime.errors import InvalidRequestError
-from model_runtime.request import ChatInput, ImageInput, Message, Part, RequestOutput, VideoInput
+from model_runtime.inputs.tools import FORMATS, ToolFormat
+from model_runtime.request import (
+    ChatInput,
+    ImageInput,
+    Message,
+    OutputFormat,
+    Part,
+    RequestOutput,
+    ToolCall,
+    ToolSpec,
+    VideoInput,
+)
 from model_runtime.sampling_params import SamplingParams
 from server.chat_output import ChunkWriter, CompletionBuilder, StreamState
 from server.errors import BadRequestError, NotFoundError, ServiceUnavailableError, printable, to_api_error
@@ -36,6 +48,9 @@ from server.protocol import (
     ChatCompletionRequest,
     ImagePart,
     ImageURL,
+    NamedToolChoice,
+    ResponseFormatJSONObject,
+    ResponseFormatJSONSchema,
     TextPart,
     VideoPart,
     VideoURL,
@@ -161,6 +176,74 @@ def plan_messages(
     return planned
 
 
+def with_tools(chat: ChatInput, req: ChatCompletionRequest) -> ChatInput:
+    """The request's tools, tool_choice, and the tool calls and results of its history."""
+    tools = req.tools or []
+    choice = req.tool_choice
+    if choice is not None and not tools:
+        raise BadRequestError(
+            "tool_choice is only allowed when tools are given.", param="tool_choice", code="invalid_value"
+        )
+    names = [tool.function.name for tool in tools]
+    if len(set(names)) != len(names):
+        raise BadRequestError("tools must have distinct function names.", param="tools", code="invalid_value")
+    if isinstance(choice, NamedToolChoice):
+        if choice.function.name not in names:
+            raise BadRequestError(
+                f"tool_choice names the function '{printable(choice.function.name)}', which is not in tools.",
+                param="tool_choice.function.name",
+                code="invalid_value",
+            )
+        choice_name = choice.function.name
+    else:
+        choice_name = choice or "auto"
+    messages = []
+    for i, (message, sent) in enumerate(zip(chat.messages, req.messages, strict=True)):
+        if sent.tool_calls and sent.role != "assistant":
+            raise BadRequestError(
+                "Only assistant messages carry tool_calls.",
+                param=f"messages[{i}].tool_calls",
+                code="invalid_value",
+            )
+        if sent.role == "tool" and not sent.tool_call_id:
+            raise BadRequestError(
+                "A tool message needs the tool_call_id of the call it answers.",
+                param=f"messages[{i}].tool_call_id",
+                code="invalid_value",
+            )
+        calls = tuple(ToolCall(c.id, c.function.name, c.function.arguments) for c in sent.tool_calls or ())
+        messages.append(dataclasses.replace(message, tool_calls=calls, tool_call_id=sent.tool_call_id))
+    specs = tuple(
+        ToolSpec(
+            name=t.function.name,
+            description=t.function.description,
+            parameters=t.function.parameters,
+            strict=bool(t.function.strict),
+            raw=t.function.raw,
+        )
+        for t in tools
+    )
+    return dataclasses.replace(
+        chat,
+        messages=tuple(messages),
+        tools=specs,
+        tool_choice=choice_name,
+        parallel_tool_calls=req.parallel_tool_calls is not False,
+    )
+
+
+def output_format(req: ChatCompletionRequest) -> OutputFormat | None:
+    """response_format as the runtime's OutputFormat; "text" (or none) leaves the output free."""
+    fmt = req.response_format
+    if isinstance(fmt, ResponseFormatJSONObject):
+        return OutputFormat("json_object")
+    if isinstance(fmt, ResponseFormatJSONSchema):
+        spec = fmt.json_schema
+        # OpenAI: a json_schema format without a schema accepts any JSON.
+        return OutputFormat("json_schema", spec.schema_ or {}, strict=bool(spec.strict))
+    return None
+
+
 async def fetch_media(planned: list[tuple[str, list[PlannedPart]]], fetcher: MediaFetcher) -> ChatInput:
     """Fetch every media part concurrently; the first failure cancels the rest."""
     jobs = [part for _, parts in planned for part in parts if isinstance(part, MediaJob)]
@@ -251,6 +334,7 @@ class ChatService:
         params = sampling_params(req, self._settings, info)
         planned = plan_messages(req, self._settings, info)
         chat = await fetch_media(planned, self._fetcher)
+        chat = with_tools(dataclasses.replace(chat, output_format=output_format(req)), req)
         # Server-made and unguessable: a client-chosen id could collide with (and abort) another's.
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         outputs = self._engine.generate(request_id, chat, params, cache_salt=cache_salt)
@@ -266,8 +350,12 @@ class ChatService:
             await release()
             raise
         writer = ChunkWriter(request_id, int(time.time()), model)
+        images = [p.data for m in chat.messages for p in m.parts if isinstance(p, ImageInput)]
+        tools = FORMATS[info.tool_format] if chat.tools and chat.tool_choice != "none" else None
         if req.stream:
-            events = stream_events(writer, params.n, req.include_usage, first, outputs, tracker)
+            events = stream_events(
+                writer, params.n, req.include_usage, first, outputs, tracker, images, tools
+            )
             return EngineStreamResponse(
                 events,
                 on_close=release,
@@ -275,7 +363,7 @@ class ChatService:
                 on_send_timeout=self._metrics.slow_client,
             )
         try:
-            completion = await collect(writer, params.n, first, outputs, tracker)
+            completion = await collect(writer, params.n, first, outputs, tracker, images, tools)
         finally:
             await release()
         return Response(completion.model_dump_json(), media_type="application/json")
@@ -309,9 +397,11 @@ async def collect(
     first: RequestOutput,
     outputs: AsyncIterator[RequestOutput],
     tracker: RequestTracker,
+    images: Sequence[bytes] = (),
+    tool_format: ToolFormat | None = None,
 ) -> ChatCompletion:
     """Drain the engine into one ChatCompletion; a failure raises (-> an error status)."""
-    builder = CompletionBuilder(writer, n)
+    builder = CompletionBuilder(writer, n, images, tool_format)
     out = first
     async for out in from_first(first, outputs):
         tracker.on_output(out)
@@ -328,12 +418,14 @@ async def stream_events(
     first: RequestOutput,
     outputs: AsyncIterator[RequestOutput],
     tracker: RequestTracker,
+    images: Sequence[bytes] = (),
+    tool_format: ToolFormat | None = None,
 ) -> AsyncIterator[str]:
     """OpenAI's sequence: role chunk per choice, content deltas, finish chunks, usage chunk, [DONE].
 
     A failure after the headers went out becomes an error event followed by [DONE].
     """
-    state = StreamState(writer, n)
+    state = StreamState(writer, n, images, tool_format)
     try:
         for index in range(n):
             yield writer.role(index)

@@ -10,7 +10,15 @@ from __future__ import annotations
 import logging
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from model_runtime.sampling_params import SamplingParams
 
@@ -89,18 +97,102 @@ class VideoPart(OpenAIRequestModel):
 ContentPart = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]
 
 
+class FunctionCallIn(OpenAIRequestModel):
+    name: str
+    arguments: str = ""
+
+
+class ToolCallIn(OpenAIRequestModel):
+    """A tool call an earlier assistant message made (sent back in the history)."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+
 class ChatMessage(OpenAIRequestModel):
     """One message; a string `content` is stored as a single text part."""
 
     # "developer" is OpenAI's newer name for "system".
-    role: Literal["developer", "system", "user", "assistant"]
+    role: Literal["developer", "system", "user", "assistant", "tool"]
     content: list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None  # assistant messages
+    tool_call_id: str | None = None  # tool messages: the call this is the result of
 
     @field_validator("content", mode="before")
     @classmethod
     def _string_content(cls, value: Any) -> Any:
         return [{"type": "text", "text": value}] if isinstance(value, str) else value
+
+
+class JSONSchemaSpec(OpenAIRequestModel):
+    """response_format.json_schema: the schema the answer must match."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormatText(OpenAIRequestModel):
+    type: Literal["text"]
+
+
+class ResponseFormatJSONObject(OpenAIRequestModel):
+    type: Literal["json_object"]
+
+
+class ResponseFormatJSONSchema(OpenAIRequestModel):
+    type: Literal["json_schema"]
+    json_schema: JSONSchemaSpec
+
+
+ResponseFormat = Annotated[
+    ResponseFormatText | ResponseFormatJSONObject | ResponseFormatJSONSchema, Field(discriminator="type")
+]
+
+
+_NAME = r"^[A-Za-z0-9_-]{1,64}$"
+
+
+class FunctionDef(OpenAIRequestModel):
+    """A function the model may call; `parameters` is a JSON schema of its arguments object."""
+
+    name: str = Field(pattern=_NAME)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+    _raw: dict[str, Any] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _keep_raw(cls, data: Any, handler: Any) -> Any:
+        # The prompt lists each function as the client wrote it (its keys, in its order).
+        model = handler(data)
+        if isinstance(data, dict):
+            model._raw = dict(data)
+        return model
+
+    @property
+    def raw(self) -> dict[str, Any]:
+        return self._raw or self.model_dump(exclude_none=True)
+
+
+class ToolDef(OpenAIRequestModel):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(OpenAIRequestModel):
+    name: str
+
+
+class NamedToolChoice(OpenAIRequestModel):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class StreamOptions(OpenAIRequestModel):
@@ -119,19 +211,24 @@ class ChatCompletionRequest(OpenAIRequestModel):
     messages: list[ChatMessage] = Field(min_length=1)
     model: str | None = None  # None: the first served name
     frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
     logprobs: bool | None = None
     max_completion_tokens: int | None = None
     max_tokens: int | None = None  # deprecated by OpenAI in favour of max_completion_tokens
     n: int | None = None
     presence_penalty: float | None = None
+    response_format: ResponseFormat | None = None
     seed: int | None = None
     stop: list[str] | None = None  # a single string is accepted and stored as a list
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     temperature: float | None = None
     top_logprobs: int | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    tools: list[ToolDef] | None = None
     top_p: float | None = None
     user: str | None = None
+    parallel_tool_calls: bool | None = None
 
     # --- extensions (vLLM's names) ---
     top_k: int | None = None
@@ -147,6 +244,16 @@ class ChatCompletionRequest(OpenAIRequestModel):
     @classmethod
     def _single_stop(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_id_keys(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for key in value or {}:
+            if not key.isdigit():
+                raise ValueError(
+                    f"keys must be token ids (non-negative integers as strings), not {key[:40]!r}"
+                )
+        return value
 
     @property
     def max_tokens_param(self) -> str:
@@ -180,13 +287,14 @@ class ChatCompletionRequest(OpenAIRequestModel):
             logprobs=bool(self.logprobs),
             top_logprobs=self.top_logprobs or 0,
             ignore_eos=self.ignore_eos,
+            logit_bias=tuple((int(k), float(v)) for k, v in (self.logit_bias or {}).items()),
         )
 
 
 # ---------------------------------------------------------------------------------------------
 # Responses.
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 class TopLogprob(BaseModel):
@@ -227,12 +335,67 @@ class Usage(BaseModel):
     prompt_tokens_details: PromptTokensDetails | None = None
 
 
+class GroundingBox(BaseModel):
+    """Extension: one box of a grounded answer (server/grounding.py)."""
+
+    label: str | None
+    image_index: int | None  # which image of the request (in order), None if it has none
+    box: list[int | float]  # x1, y1, x2, y2 in the model's 0..1000 space
+    box_pixels: list[int] | None  # the same box in that image's pixels
+
+
+class FunctionCallOut(BaseModel):
+    name: str
+    arguments: str  # JSON text of an object
+
+
+class ToolCallOut(BaseModel):
+    """A call the model made, in a non-streaming message."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
 class ResponseMessage(BaseModel):
     """The assistant message of a non-streaming choice."""
 
     role: Literal["assistant"] = "assistant"
     content: str | None = None
     refusal: str | None = None
+    tool_calls: list[ToolCallOut] | None = None
+    # --- extension: boxes of a grounded answer; absent when there are none ---
+    grounding: list[GroundingBox] | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_absent(self, handler: Any) -> dict[str, Any]:
+        data = handler(self)
+        for key in ("tool_calls", "grounding"):
+            if data.get(key) is None:
+                data.pop(key, None)
+        return data
+
+
+class FunctionCallChunk(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_unset(self, handler: Any) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class ToolCallChunk(BaseModel):
+    """A piece of a call in a streamed delta: index, id, type and name first, then arguments."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallChunk | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_unset(self, handler: Any) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None}
 
 
 class Choice(BaseModel):
@@ -261,6 +424,9 @@ class DeltaMessage(BaseModel):
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallChunk] | None = None
+    # --- extension: on a choice's last chunk, the boxes of its grounded answer ---
+    grounding: list[GroundingBox] | None = None
 
     @model_serializer(mode="wrap")
     def _omit_unset(self, handler: Any) -> dict[str, Any]:

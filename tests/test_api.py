@@ -274,7 +274,7 @@ async def test_too_many_images_refused_before_any_fetch() -> None:
         (chat(stop=[1, 2]), "stop[0]"),
         ({"model": MODEL}, "messages"),
         ({"model": MODEL, "messages": []}, "messages"),
-        ({"model": MODEL, "messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
+        ({"model": MODEL, "messages": [{"role": "tool", "content": "x"}]}, "messages[0].tool_call_id"),
         (
             {
                 "messages": [
@@ -932,3 +932,166 @@ def test_log_floods_are_rate_limited() -> None:
     now[0] = 1.0
     later = record("Invalid HTTP request received.")
     assert limiter.filter(later) and "95 similar messages suppressed" in later.getMessage()
+
+
+# -- tools, structured output, grounding ---------------------------------------------------------
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+CALL_TEXT = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+
+
+@pytest.mark.anyio
+async def test_tool_calls_are_parsed_into_the_message() -> None:
+    async with client(make_app()) as c:
+        r = await c.post("/v1/chat/completions", json=chat(CALL_TEXT, tools=[WEATHER_TOOL]))
+    choice = r.json()["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    (call,) = choice["message"]["tool_calls"]
+    assert re.fullmatch(r"call_[A-Za-z0-9]{24}", call["id"]) and call["type"] == "function"
+    assert call["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+    assert choice["message"]["content"] == "echo:"
+
+
+@pytest.mark.anyio
+async def test_tool_calls_stream_as_openai_does() -> None:
+    async with client(make_app()) as c:
+        r = await c.post("/v1/chat/completions", json=chat(CALL_TEXT, tools=[WEATHER_TOOL], stream=True))
+    events = parse_sse(r.text)
+    deltas = [e["choices"][0]["delta"] for e in events[:-1] if e["choices"]]
+    pieces = [d["tool_calls"][0] for d in deltas if "tool_calls" in d]
+    head, args = pieces
+    assert head["index"] == 0 and head["id"].startswith("call_") and head["type"] == "function"
+    assert head["function"] == {"name": "get_weather", "arguments": ""}
+    assert args == {"index": 0, "function": {"arguments": '{"city": "Paris"}'}}
+    content = "".join(d.get("content", "") for d in deltas)
+    assert content.strip() == "echo:" and "<tool_call" not in content
+    assert events[-2]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+@pytest.mark.anyio
+async def test_without_tools_or_with_tool_choice_none_the_text_is_left_alone() -> None:
+    async with client(make_app()) as c:
+        plain = await c.post("/v1/chat/completions", json=chat(CALL_TEXT))
+        none = await c.post(
+            "/v1/chat/completions", json=chat(CALL_TEXT, tools=[WEATHER_TOOL], tool_choice="none")
+        )
+    for r in (plain, none):
+        message = r.json()["choices"][0]["message"]
+        assert "tool_calls" not in message and "<tool_call>" in message["content"]
+
+
+@pytest.mark.anyio
+async def test_tool_history_reaches_the_engine() -> None:
+    engine = FakeEngine()
+    messages = [
+        {"role": "user", "content": "weather?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": "-3 C"},
+    ]
+    body = {"model": MODEL, "messages": messages, "tools": [WEATHER_TOOL], "tool_choice": "required"}
+    async with client(make_app(engine)) as c:
+        assert (await c.post("/v1/chat/completions", json=body)).status_code == 200
+    chat_input = engine.calls[0][1]
+    assert chat_input.tool_choice == "required" and chat_input.tools[0].name == "get_weather"
+    assistant, tool = chat_input.messages[1], chat_input.messages[2]
+    assert assistant.tool_calls[0].arguments == '{"city": "Oslo"}'
+    assert tool.role == "tool" and tool.tool_call_id == "call_1" and tool.parts == ("-3 C",)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"tool_choice": "required"}, "tool_choice"),
+        (
+            {"tools": [WEATHER_TOOL], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+            "tool_choice.function.name",
+        ),
+        ({"tools": [WEATHER_TOOL, WEATHER_TOOL]}, "tools"),
+        ({"tools": [{"type": "retrieval"}]}, None),
+        ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, None),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].tool_call_id"),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "x", "tool_calls": []},
+                    {"role": "user", "tool_calls": [{"id": "a", "function": {"name": "f"}}]},
+                ]
+            },
+            "messages[1].tool_calls",
+        ),
+        ({"logit_bias": {"abc": 1}}, "logit_bias"),
+        ({"logit_bias": {"5": 101}}, "logit_bias"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"schema": {}}}}, None),
+        ({"response_format": {"type": "xml"}}, None),
+    ],
+)
+async def test_bad_tools_and_formats_are_400s(fields: dict[str, Any], param: str | None) -> None:
+    async with client(make_app()) as c:
+        r = await c.post("/v1/chat/completions", json={**chat(), **fields})
+    error = assert_envelope(r, 400)
+    if param is not None:
+        assert error["param"] == param
+
+
+@pytest.mark.anyio
+async def test_response_format_and_logit_bias_reach_the_engine() -> None:
+    engine = FakeEngine()
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    fmt = {"type": "json_schema", "json_schema": {"name": "a", "schema": schema, "strict": True}}
+    async with client(make_app(engine)) as c:
+        await c.post("/v1/chat/completions", json=chat(response_format=fmt, logit_bias={"7": -100, "9": 2.5}))
+        await c.post("/v1/chat/completions", json=chat(response_format={"type": "json_object"}))
+        await c.post("/v1/chat/completions", json=chat(response_format={"type": "text"}))
+    first, second, third = (call[1].output_format for call in engine.calls)
+    assert first.kind == "json_schema" and first.schema == schema and first.strict
+    assert second.kind == "json_object" and third is None
+    assert engine.calls[0][2].logit_bias == ((7, -100.0), (9, 2.5))
+
+
+def _png_data_url(width: int, height: int) -> str:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), "white").save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+@pytest.mark.anyio
+async def test_grounded_answers_carry_their_boxes() -> None:
+    box_text = "<ref>the cat</ref><box>[[100, 200, 500, 1000]]</box>"
+    content = [
+        {"type": "image_url", "image_url": {"url": _png_data_url(640, 480)}},
+        {"type": "text", "text": box_text},
+    ]
+    body = {"model": MODEL, "messages": [{"role": "user", "content": content}]}
+    expected = [
+        {"label": "the cat", "image_index": 0, "box": [100, 200, 500, 1000], "box_pixels": [64, 96, 320, 480]}
+    ]
+    async with client(make_app()) as c:
+        whole = await c.post("/v1/chat/completions", json=body)
+        streamed = await c.post("/v1/chat/completions", json={**body, "stream": True})
+        plain = await c.post("/v1/chat/completions", json=chat("no boxes here"))
+    message = whole.json()["choices"][0]["message"]
+    assert message["grounding"] == expected and "<box>" in message["content"]  # the text is kept
+    last = [e for e in parse_sse(streamed.text)[:-1] if e["choices"] and e["choices"][0]["finish_reason"]][-1]
+    assert last["choices"][0]["delta"]["grounding"] == expected
+    assert "grounding" not in plain.json()["choices"][0]["message"]

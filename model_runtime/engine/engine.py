@@ -17,6 +17,7 @@ import torch
 from model_runtime.config import EngineConfig
 from model_runtime.engine.block_manager import KVCacheManager
 from model_runtime.engine.detokenizer import IncrementalDetokenizer
+from model_runtime.engine.guided import GuidedDecoding
 from model_runtime.engine.kv_cache import CacheShape, KVPool, blocks_for_budget
 from model_runtime.engine.runner import ModelRunner
 from model_runtime.engine.sampler import make_generator
@@ -160,7 +161,12 @@ class Engine:
         request.cache_root += self.runner.rotary.cache_root(request.prompt_len)
         tail = request.prompt_ids[-4:]
         for seq in request.seqs:
-            seq.detokenizer = IncrementalDetokenizer(self.loaded.tokenizer, tail, stop_strings=params.stop)
+            seq.detokenizer = IncrementalDetokenizer(
+                self.loaded.tokenizer,
+                tail,
+                stop_strings=params.stop,
+                skip_special_tokens=params.skip_special_tokens,
+            )
             if params.seed is not None and not params.greedy:
                 seq.generator = make_generator((params.seed + seq.index) % 2**64, self.runner.device)
         self.scheduler.add(request)
@@ -273,7 +279,11 @@ class Engine:
         if not rows:
             return
         picked = logits[torch.tensor(row_logits, device=logits.device)]
-        tokens, logprobs = self.runner.sample(rows, picked)
+        tokens, logprobs, failed = self.runner.sample(rows, picked)
+        for seq, reason in failed:
+            log.warning("request %s: its output grammar failed: %s", seq.request.request_id, reason)
+            if seq.request.request_id in self.requests:
+                self._fail(seq.request, RequestFailedError("the output constraint could not be continued"))
         self._append(rows, tokens, logprobs)
 
     # -- postprocess -------------------------------------------------------------------------------
@@ -291,7 +301,11 @@ class Engine:
             seq.pending_text += seq.detokenizer.step(token)
             if logprobs is not None and request.params.logprobs:
                 seq.pending_logprobs.append(self._logprob(logprobs[row]))
-            if seq.detokenizer.stopped:
+            grammar = None if seq.matcher is None else GuidedDecoding.advance(seq.matcher, token)
+            if grammar == "error":
+                log.warning("request %s: grammar refused a sampled token", request.request_id)
+                self._fail(request, RequestFailedError("the output constraint could not be continued"))
+            elif seq.detokenizer.stopped or grammar == "stop":
                 self._finish(seq, "stop")
             elif len(seq.output_ids) >= request.max_tokens:
                 self._finish(seq, "length")

@@ -17,9 +17,11 @@ import torch
 
 from model_runtime.engine import attention
 from model_runtime.engine.attention import DecodeGroup, PackedBatch, Span, contiguous_runs, group_decodes
+from model_runtime.engine.guided import GuidedDecoding
 from model_runtime.engine.kv_cache import KVPool
 from model_runtime.engine.sampler import (
     BatchSamplingState,
+    apply_logit_bias,
     apply_penalties,
     compute_logprobs,
     sample,
@@ -108,6 +110,7 @@ class ModelRunner:
         self.lm_head = loaded.model.get_output_embeddings()
         self.device = self.embed.weight.device
         self.vocab_size = int(self.lm_head.weight.shape[0])
+        self.guided = GuidedDecoding(self.vocab_size)
         self.pool = pool
         self.block_size = pool.block_size
         self.vision = VisionEncoder(
@@ -201,8 +204,15 @@ class ModelRunner:
     # -- sampling ----------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def sample(self, seqs: Seq[Sequence], logits: torch.Tensor) -> tuple[list[int], list | None]:
-        """Next token of each sequence from its logits row; logprobs when any sequence asked."""
+    def sample(
+        self, seqs: Seq[Sequence], logits: torch.Tensor
+    ) -> tuple[list[int], list | None, list[tuple[Sequence, str]]]:
+        """Next token of each sequence from its logits row; logprobs when any sequence asked; and
+        the sequences whose grammar failed (see GuidedDecoding.apply).
+
+        Order: penalties, logit_bias, grammar masks, then temperature and the filters. Logprobs
+        report the model's own distribution (the raw logits), before any of these.
+        """
         params = [s.request.params for s in seqs]
         logits = logits.float()
         state = BatchSamplingState.from_params(params, logits.shape[-1], logits.device)
@@ -218,8 +228,13 @@ class ModelRunner:
             logits = apply_penalties(
                 logits, prompt_counts, output_counts, state.repetition, state.presence, state.frequency
             )
+        guided = any(s.matcher is not None for s in seqs)
+        if (guided or any(p.logit_bias for p in params)) and logits is raw:
+            logits = logits.clone()  # masks and biases must not reach the logprobs
+        apply_logit_bias(logits, [p.logit_bias for p in params])
+        failed = self.guided.apply(seqs, logits) if guided else []
         tokens = sample(logits, state, [s.generator for s in seqs])
         logprobs = None
         if any(p.logprobs for p in params):
             logprobs = compute_logprobs(raw, tokens, [p.top_logprobs if p.logprobs else 0 for p in params])
-        return tokens.tolist(), logprobs
+        return tokens.tolist(), logprobs, failed

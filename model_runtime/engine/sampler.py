@@ -126,6 +126,18 @@ def apply_penalties(
     return logits
 
 
+def apply_logit_bias(logits: Tensor, biases: Sequence[Sequence[tuple[int, float]]]) -> None:
+    """Add each row's (token id, bias) pairs to its logits, in place (OpenAI's logit_bias: -100
+    bans a token in practice, 100 all but forces it). Ids beyond the vocabulary were refused earlier."""
+    # logits: [B, V]; biases: B lists of pairs
+    pairs = [(row, token, bias) for row, items in enumerate(biases) for token, bias in items]
+    if not pairs:
+        return
+    rows, tokens, values = zip(*pairs, strict=True)
+    index = (torch.tensor(rows, device=logits.device), torch.tensor(tokens, device=logits.device))
+    logits.index_put_(index, torch.tensor(values, dtype=logits.dtype, device=logits.device), accumulate=True)
+
+
 def apply_temperature_top_k_top_p_min_p(
     logits: Tensor,
     temperature: Tensor,

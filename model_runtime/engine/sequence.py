@@ -78,6 +78,7 @@ class Sequence:
     pending_text: str = ""
     pending_ids: list[int] = field(default_factory=list)
     pending_logprobs: list[Any] = field(default_factory=list)
+    matcher: Any = None  # llguidance LLMatcher when the request's output is constrained
 
     @property
     def num_tokens(self) -> int:

@@ -71,6 +71,7 @@ class Worker:
             default_tiles_per_image=loaded.max_tiles,
             default_frames_per_video=config.frames_per_video,
             template=loaded.template.name,
+            tool_format=self.processor.tool_format.name,
         )
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         # Media jobs (headers, decoding, tiling) are served request by request in turn, and one

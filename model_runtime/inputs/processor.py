@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import threading
 import time
 from dataclasses import dataclass
 
@@ -30,6 +31,7 @@ from model_runtime.errors import InvalidRequestError, PromptTooLongError, Runtim
 from model_runtime.inputs.image import load_image, probe_image
 from model_runtime.inputs.prompt import build_prompt
 from model_runtime.inputs.tiling import choose_grid
+from model_runtime.inputs.tools import format_for
 from model_runtime.inputs.video import load_video, probe_video, video_tiles_per_frame
 from model_runtime.loading.checkpoint import LoadedCheckpoint
 from model_runtime.loading.tokenizer import max_token_bytes, text_normalizer
@@ -59,9 +61,29 @@ class Plan:
     """A request that passed the cheap checks: what is left is decoding its media and tokenizing."""
 
     chat: ChatInput
-    params: SamplingParams
+    params: SamplingParams  # with its compiled constraint, if any
     salt: str
     media: list[_Media]
+
+
+def _added_tokens(tokenizer) -> list[str]:
+    """The texts the tokenizer keeps as single tokens (chat markers and other added tokens)."""
+    if hasattr(tokenizer, "added_tokens"):
+        return list(tokenizer.added_tokens())
+    return list(tokenizer.get_added_vocab())
+
+
+class _Structured:
+    """The served tokenizer as llguidance sees it, and the grammar cache; built on first use (a
+    150k-token vocabulary takes about a second)."""
+
+    def __init__(self, loaded: LoadedCheckpoint) -> None:
+        from model_runtime.structured.grammar import GrammarCompiler
+        from model_runtime.structured.tokenizer import build_ll_tokenizer
+
+        self.vocab_size = int(loaded.model.get_output_embeddings().weight.shape[0])
+        self.tokenizer = build_ll_tokenizer(loaded.tokenizer, self.vocab_size, loaded.stop_token_ids)
+        self.compiler = GrammarCompiler(self.tokenizer)
 
 
 class Processor:
@@ -78,6 +100,61 @@ class Processor:
         self.vision_cache = vision_cache
         self.max_token_bytes = max_token_bytes(loaded.tokenizer)
         self.normalize = text_normalizer(loaded.tokenizer)
+        self._structured: _Structured | None = None
+        added = _added_tokens(loaded.tokenizer)
+        self.tool_format = format_for(added)
+        after = self.tool_format.stop_after_call
+        self.tool_stop_ids = (loaded.tokenizer.convert_tokens_to_ids(after),) if after in added else ()
+        self._structured_lock = threading.Lock()
+        self.vocab_size = int(loaded.model.get_output_embeddings().weight.shape[0])
+
+    @property
+    def structured(self) -> _Structured:
+        with self._structured_lock:
+            if self._structured is None:
+                self._structured = _Structured(self.loaded)
+            return self._structured
+
+    def _constrain(self, chat: ChatInput, params: SamplingParams) -> SamplingParams:
+        """Compile the request's output format into a constraint (a 400 if it cannot be honoured)
+        and check its logit_bias ids against the vocabulary."""
+        for token, _ in params.logit_bias:
+            if token >= self.vocab_size:
+                raise InvalidRequestError(
+                    f"logit_bias names token {token}; the vocabulary has {self.vocab_size} tokens",
+                    param="logit_bias",
+                )
+        if chat.tools and chat.tool_choice != "none":
+            tool_format = self.tool_format
+            stop = self.tool_stop_ids
+            params = dataclasses.replace(
+                params,
+                skip_special_tokens=tool_format.skip_special_tokens,
+                stop_token_ids=tuple(sorted({*params.stop_token_ids, *stop})),
+            )
+            if chat.calls_forced:
+                tools = chat.tools
+                if chat.tool_choice != "required":
+                    tools = tuple(t for t in chat.tools if t.name == chat.tool_choice)
+                    if not tools:
+                        raise InvalidRequestError(
+                            f"tool_choice names the function {chat.tool_choice!r}, which is not in tools",
+                            param="tool_choice",
+                        )
+                grammar = tool_format.grammar(tools, parallel=chat.parallel_tool_calls)
+                constraint = self.structured.compiler.lark(grammar, kind="tool_call", param="tools")
+                return dataclasses.replace(params, constraint=constraint)
+        fmt = chat.output_format
+        if fmt is None:
+            return params
+        compiler = self.structured.compiler
+        if fmt.kind == "json_object":
+            constraint = compiler.json_object()
+        else:
+            constraint = compiler.json_schema(
+                fmt.schema or {}, strict=fmt.strict, param="response_format.json_schema.schema"
+            )
+        return dataclasses.replace(params, constraint=constraint)
 
     # -- step 1: headers ---------------------------------------------------------------------------
 
@@ -190,6 +267,7 @@ class Processor:
         if not chat.messages:
             raise InvalidRequestError("messages must contain at least one message", param="messages")
         salt = f"{hashlib.blake2b(cache_salt.encode(), digest_size=8).hexdigest()}:" if cache_salt else ""
+        params = self._constrain(chat, params)
         media = self._plan(chat, salt)
         self._check_lower_bound(chat, media, params)
         return Plan(chat, params, salt, media)
@@ -243,15 +321,18 @@ class Processor:
         """The prompt built and tokenized around the decoded media (one list of slots per medium)."""
         loaded, params = self.loaded, plan.params
         slots = [slot for group in decoded for slot in group]
+        chat = plan.chat
         prompt = build_prompt(
             loaded.template,
-            plan.chat.messages,
+            chat.messages,
             [[slot.num_tiles for slot in group] for group in decoded],
             loaded.tokenizer,
             tokens_per_tile=loaded.tokens_per_tile,
             image_context_id=loaded.image_context_id,
             image_start_id=loaded.image_start_id,
             image_end_id=loaded.image_end_id,
+            tools=chat.tools if chat.tool_choice != "none" else (),
+            tool_format=self.tool_format,
         )
         for slot, (start, count) in zip(slots, prompt.image_spans, strict=True):
             slot.start, slot.num_tokens = start, count
@@ -261,7 +342,7 @@ class Processor:
         if not params.ignore_eos:
             stop_ids.update(loaded.stop_token_ids)
         params = dataclasses.replace(params, extra_stop_token_ids=tuple(sorted(stop_ids)))
-        return Request(
+        request = Request(
             request_id=request_id,
             prompt_ids=list(prompt.input_ids),
             params=params,
@@ -270,6 +351,16 @@ class Processor:
             image_token_count=prompt.image_token_count,
             cache_root=plan.salt.encode(),
         )
+        if params.constraint is not None:
+            tokenizer = self.structured.tokenizer
+            for seq in request.seqs:  # each choice follows the grammar on its own
+                seq.matcher = params.constraint.matcher(tokenizer)
+                if seq.matcher.is_error():
+                    raise InvalidRequestError(
+                        f"the output constraint cannot be used: {seq.matcher.get_error()[:400]}",
+                        param="response_format",
+                    )
+        return request
 
     def process(
         self, request_id: str, chat: ChatInput, params: SamplingParams, *, cache_salt: str = ""

@@ -16,7 +16,8 @@ from typing import Any, Protocol
 
 from model_runtime.errors import InvalidRequestError
 from model_runtime.inputs.templates import ConversationTemplate, render
-from model_runtime.request import ImageInput, Message, VideoInput
+from model_runtime.inputs.tools import FORMATS, ToolFormat
+from model_runtime.request import ImageInput, Message, ToolSpec, VideoInput
 
 # NUL characters cannot come out of a tokenizer's vocabulary as text we write, and a client sending
 # this exact string is refused, so every occurrence in a built prompt is one of ours.
@@ -106,7 +107,12 @@ def _text_of(message: Message, *, allow_media: bool) -> tuple[str, list[ImageInp
 
 
 def build_prompt_text(
-    template: ConversationTemplate, messages: Sequence[Message], media_tiles: Sequence[list[int]]
+    template: ConversationTemplate,
+    messages: Sequence[Message],
+    media_tiles: Sequence[list[int]],
+    *,
+    tools: Sequence[ToolSpec] = (),
+    tool_format: ToolFormat | None = None,
 ) -> str:
     """The rendered conversation, with one IMAGE_PLACEHOLDER per image slot, ending in an open assistant turn.
 
@@ -116,15 +122,28 @@ def build_prompt_text(
     place, so history renders as the reference's (question, answer) pairs; an empty message renders
     as the bare role, as the reference does. `media_tiles[i]` lists the tile count of each slot the
     i-th media item (conversation order) produces: [tiles] for an image, one entry per video frame.
+
+    `tools` are written as `tool_format` says (inputs/tools.py), and so are the tool calls of
+    assistant messages and the results in "tool" messages (which need no `tools` to render).
     """
+    fmt = tool_format or FORMATS["hermes"]
     system_parts: list[str] = []
     turns: list[tuple[str, str | None]] = []
+    results: list[str] = []
     media_index = 0
     for message in messages:
         text, media = _text_of(message, allow_media=message.role == "user")
+        if message.role == "tool":
+            results.append(text)
+            continue
+        if results:  # a run of tool results ends
+            turns.extend(fmt.result_turns(results, template.user_role))
+            results = []
         if message.role == "system":
             system_parts.append(text)
         elif message.role == "assistant":
+            if message.tool_calls:
+                text = fmt.calls_text(text, message.tool_calls)
             turns.append((template.assistant_role, text))
         else:
             tiles = media_tiles[media_index : media_index + len(media)]
@@ -135,9 +154,18 @@ def build_prompt_text(
             media_index += len(media)
             prefix = _media_prefix(media, tiles) if media else ""
             turns.append((template.user_role, prefix + text))
+    if results:
+        turns.extend(fmt.result_turns(results, template.user_role))
     assert media_index == len(media_tiles), "media_tiles has more entries than media items"
     turns.append((template.assistant_role, None))
     system_message = "\n".join(system_parts) if system_parts else None
+    if tools:
+        suffix = fmt.system_suffix(tools)
+        if suffix:
+            system_message = (template.system_message if system_message is None else system_message) + suffix
+        tools_turn = fmt.tools_turn(tools)
+        if tools_turn is not None:
+            turns.insert(0, tools_turn)
     return render(template, system_message, turns)
 
 
@@ -219,6 +247,8 @@ def build_prompt(
     image_context_id: int,
     image_start_id: int | None = None,
     image_end_id: int | None = None,
+    tools: Sequence[ToolSpec] = (),
+    tool_format: ToolFormat | None = None,
 ) -> PromptSpec:
     """Text, ids and image spans of a conversation: the whole pipeline of this module in one call.
 
@@ -227,7 +257,9 @@ def build_prompt(
     """
     slots = slot_tile_counts(media_tiles)
     text = expand_image_slots(
-        build_prompt_text(template, messages, media_tiles), slots, tokens_per_tile=tokens_per_tile
+        build_prompt_text(template, messages, media_tiles, tools=tools, tool_format=tool_format),
+        slots,
+        tokens_per_tile=tokens_per_tile,
     )
     expected = tokens_per_tile * sum(slots)
     markers = {i: len(slots) for i in (image_start_id, image_end_id) if i is not None}

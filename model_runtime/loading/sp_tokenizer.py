@@ -111,7 +111,7 @@ class SentencePieceTokenizer:
         proto = model_file.read_bytes()
         if dialect == "llama" and not self.legacy:
             # As LlamaTokenizer.get_spm_processor: the prefix is added to the whole text instead.
-            proto = _without_dummy_prefix(proto)
+            proto = without_dummy_prefix(proto)
         self.sp = spm.SentencePieceProcessor()
         try:
             self.sp.LoadFromSerializedProto(proto)
@@ -169,6 +169,10 @@ class SentencePieceTokenizer:
         self._unk_length = len(self.sp.encode(str(self.unk_token))) if self.unk_token else 0
 
     # -- vocabulary ----------------------------------------------------------------------------------
+
+    def added_tokens(self) -> tuple[str, ...]:
+        """The texts that are single tokens, never split (chat markers, special tokens)."""
+        return tuple(self._added)
 
     def __len__(self) -> int:
         return max([self.vocab_size - 1, *self._added_by_id]) + 1
@@ -341,7 +345,7 @@ class SentencePieceTokenizer:
         return " ".join(texts)
 
 
-def _without_dummy_prefix(proto: bytes) -> bytes:
+def without_dummy_prefix(proto: bytes) -> bytes:
     from sentencepiece import sentencepiece_model_pb2
 
     model = sentencepiece_model_pb2.ModelProto.FromString(proto)

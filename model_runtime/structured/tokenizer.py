@@ -1,0 +1,61 @@
+"""The served tokenizer as llguidance sees it: the bytes each token id stands for.
+
+Masks are computed over the model's whole output vocabulary (the lm_head's rows, which may exceed
+the tokenizer's length); ids the tokenizer does not know are never allowed. Added tokens (chat
+markers, <img>, <IMG_CONTEXT>, InternLM2's <|action_start|>) are special: they never match text
+inside a JSON string, only a grammar that names them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from llguidance import LLTokenizer, TokenizerWrapper
+
+from model_runtime.loading.sp_tokenizer import SentencePieceTokenizer, without_dummy_prefix
+
+# llguidance's marker for special tokens: a first byte no UTF-8 text contains.
+_SPECIAL = b"\xff"
+
+
+def build_ll_tokenizer(tokenizer: Any, vocab_size: int, eos_ids: Sequence[int]) -> LLTokenizer:
+    """An LLTokenizer for `tokenizer` over `vocab_size` logits; `eos_ids` end a finished grammar."""
+    eos = sorted(set(eos_ids))
+    if isinstance(tokenizer, SentencePieceTokenizer):
+        return LLTokenizer(
+            TokenizerWrapper(_SentencePieceVocabulary(tokenizer, eos[0])), n_vocab=vocab_size, eos_token=eos
+        )
+    # A fast (Rust) tokenizer: llguidance reads its serialized form, added tokens included.
+    backend = tokenizer.backend_tokenizer
+    return LLTokenizer(backend.to_str(), n_vocab=vocab_size, eos_token=eos)
+
+
+class _SentencePieceVocabulary:
+    """What llguidance's TokenizerWrapper reads: tokens as bytes, special ids, an encoder."""
+
+    def __init__(self, tokenizer: SentencePieceTokenizer, eos_id: int) -> None:
+        sp = tokenizer.sp
+        added = set(tokenizer.added_tokens())
+        self.eos_token_id = eos_id
+        self.bos_token_id = tokenizer.bos_token_id
+        self.tokens: list[bytes] = []
+        self.special_token_ids: list[int] = []
+        for token_id in range(len(tokenizer)):
+            piece = tokenizer.convert_ids_to_tokens([token_id])[0]
+            in_model = token_id < sp.get_piece_size()
+            if piece in added or (in_model and (sp.is_control(token_id) or sp.is_unknown(token_id))):
+                self.tokens.append(_SPECIAL + piece.encode("utf-8"))
+                self.special_token_ids.append(token_id)
+            elif in_model and sp.is_byte(token_id):
+                self.tokens.append(bytes([int(piece[3:5], 16)]))  # "<0x41>"
+            else:
+                self.tokens.append(piece.replace("\u2581", " ").encode("utf-8"))
+        # llguidance tokenizes pieces of text in the middle of an answer: no dummy-prefix space.
+        import sentencepiece as spm
+
+        self._sp = spm.SentencePieceProcessor()
+        self._sp.LoadFromSerializedProto(without_dummy_prefix(sp.serialized_model_proto()))
+
+    def __call__(self, text: str) -> list[int]:
+        return list(self._sp.encode(text))
