@@ -10,6 +10,7 @@ from model_runtime.errors import InvalidRequestError
 MAX_N = 16
 MAX_TOP_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 1024  # each stop string; they are matched against every step's text
 MAX_LOGIT_BIAS = 300  # OpenAI's limit
 
 
@@ -74,6 +75,11 @@ class SamplingParams:
         )
         _check(len(self.stop) <= MAX_STOP_STRINGS, "stop", f"at most {MAX_STOP_STRINGS} stop strings")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", "stop strings must be non-empty")
+        _check(
+            all(len(s) <= MAX_STOP_CHARS for s in self.stop),
+            "stop",
+            f"stop strings may be {MAX_STOP_CHARS} chars",
+        )
         _check(all(t >= 0 for t in self.stop_token_ids), "stop_token_ids", "stop token ids must be >= 0")
         _check(
             0 <= self.top_logprobs <= MAX_TOP_LOGPROBS,

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Awaitable, Callable, Generator, Mapping, Sequence
@@ -85,7 +86,13 @@ def parse_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Se
 def main(argv: Sequence[str] | None = None) -> None:
     settings = parse_settings(argv, os.environ)
     configure_logging(settings.log_level)
-    sys.exit(asyncio.run(run(settings)))
+    code = asyncio.run(run(settings))
+    # Exit now: the engine is stopped and every response written. Interpreter teardown (torch's
+    # included) takes a while, during which the port would refuse connections instead of 503s.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 async def run(settings: Settings) -> int:
@@ -111,13 +118,21 @@ async def run(settings: Settings) -> int:
         return 1
     try:
         default_name = DEMO_MODEL if settings.model == DEMO_MODEL else worker.served_model_default_name
-        return await serve(settings, worker, default_model_name=default_name)
+        return await serve(settings, worker, default_model_name=default_name, on_drained=worker.shutdown)
     finally:
         await worker.shutdown()
 
 
-async def serve(settings: Settings, engine: EngineClient, *, default_model_name: str | None = None) -> int:
-    """Serve `engine` until a signal (exit 0 after draining) or its death (exit 1)."""
+async def serve(
+    settings: Settings,
+    engine: EngineClient,
+    *,
+    default_model_name: str | None = None,
+    on_drained: Callable[[], Awaitable[None]] | None = None,
+) -> int:
+    """Serve `engine` until a signal (exit 0 after draining) or its death (exit 1). `on_drained`
+    runs after the drain, while the port still answers 503s (stopping the engine there keeps the
+    time the port refuses connections short)."""
     app = create_app(settings, engine, default_model_name=default_model_name)
     descriptors = raise_descriptor_limit()
     max_connections = connection_cap(settings.max_connections, descriptors)
@@ -138,7 +153,13 @@ async def serve(settings: Settings, engine: EngineClient, *, default_model_name:
         timeout_graceful_shutdown=int(CUT_GRACE_S) + 1,
     )
     state = app.state.server
-    server = DrainingServer(config, drain=lambda: drain(state, settings.drain_timeout_s))
+
+    async def drain_then_stop() -> None:
+        await drain(state, settings.drain_timeout_s)
+        if on_drained is not None:
+            await on_drained()
+
+    server = DrainingServer(config, drain=drain_then_stop)
     died = False
 
     def on_dead() -> None:
@@ -195,6 +216,26 @@ class DrainingServer(uvicorn.Server):
             asyncio.get_running_loop().call_soon_threadsafe(self._start_drain)
             return
         super().handle_exit(sig, frame)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        if self._drain_task is None:  # not a drain (the engine died): uvicorn's own shutdown
+            await super().shutdown(sockets)
+            return
+        # Drained: every request has finished or been cut. Run the app's shutdown while the port
+        # still answers 503s, then stop listening with nothing left to wait for, so that the port
+        # refuses connections only for the moment before the process exits.
+        logger.info("drained; shutting down")
+        await self.lifespan.shutdown()
+        for server in self.servers:
+            server.close()
+        for sock in sockets or []:
+            sock.close()
+        for connection in list(self.server_state.connections):
+            connection.shutdown()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + CUT_GRACE_S
+        while self.server_state.tasks and loop.time() < deadline:  # 503s being written
+            await asyncio.sleep(0.01)
 
     def _start_drain(self) -> None:
         self._drain_task = asyncio.get_running_loop().create_task(self._drain_then_exit())

@@ -8,7 +8,10 @@ So we subclass its h11 protocol (the only HTTP implementation our dependencies i
 
 - a deadline for each request's headers, from the connection's start or from the end of the
   previous response: a connection that has not sent complete headers by then is closed;
-- a cap on open connections: one over it is closed at once, before it costs anything else.
+- a cap on open connections: at the cap, the connection that has waited longest without sending
+  a request (half-open, or idle between requests) is closed to make room; only if every open
+  connection is busy with a request is the new one closed at once;
+- malformed HTTP answered with OpenAI's error envelope (JSON), as every other 400.
 
 The body's own deadline is the BodyLimitMiddleware's (server/middleware.py), which reads it.
 """
@@ -16,8 +19,10 @@ The body's own deadline is the BodyLimitMiddleware's (server/middleware.py), whi
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import resource
+from collections import OrderedDict
 from typing import Any
 
 import h11
@@ -50,6 +55,9 @@ def connection_cap(requested: int, descriptor_limit: int) -> int:
 def guarded_protocol(*, header_timeout_s: float, max_connections: int) -> type[H11Protocol]:
     """uvicorn's h11 protocol class with a header deadline and a connection cap."""
 
+    # Connections waiting for a request's headers, oldest first: the ones to close at the cap.
+    waiting: OrderedDict[H11Protocol, None] = OrderedDict()
+
     class GuardedH11Protocol(H11Protocol):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
@@ -58,12 +66,31 @@ def guarded_protocol(*, header_timeout_s: float, max_connections: int) -> type[H
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
             if len(self.connections) > max_connections:
-                logger.warning(
-                    "connection refused: %d open, the limit is %d", len(self.connections) - 1, max_connections
-                )
-                transport.abort()
-                return
+                if waiting:
+                    oldest, _ = waiting.popitem(last=False)
+                    oldest.transport.close()
+                    logger.warning(
+                        "at the limit of %d connections: closed the longest idle one", max_connections
+                    )
+                else:
+                    logger.warning(
+                        "connection refused: all %d connections are serving requests", max_connections
+                    )
+                    transport.abort()
+                    return
             self._arm_header_deadline()
+
+        def send_400_response(self, msg: str) -> None:
+            error = {"message": msg, "type": "invalid_request_error", "param": None, "code": "invalid_http"}
+            body = json.dumps({"error": error}).encode()
+            headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
+            for event in (
+                h11.Response(status_code=400, headers=headers),
+                h11.Data(data=body),
+                h11.EndOfMessage(),
+            ):
+                self.transport.write(self.conn.send(event))
+            self.transport.close()
 
         def data_received(self, data: bytes) -> None:
             super().data_received(data)
@@ -82,11 +109,13 @@ def guarded_protocol(*, header_timeout_s: float, max_connections: int) -> type[H
         def _arm_header_deadline(self) -> None:
             self._disarm_header_deadline()
             self._header_deadline = self.loop.call_later(header_timeout_s, self._headers_too_slow)
+            waiting[self] = None
 
         def _disarm_header_deadline(self) -> None:
             if self._header_deadline is not None:
                 self._header_deadline.cancel()
                 self._header_deadline = None
+            waiting.pop(self, None)
 
         def _headers_too_slow(self) -> None:
             self._header_deadline = None

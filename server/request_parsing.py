@@ -4,8 +4,9 @@ FastAPI would decode and validate a body on the event loop, and a 16 MB body of 
 stalls every other request (and /health) for seconds before it can be refused. Here a body over
 LARGE_BODY_BYTES is decoded and checked on a worker thread instead, and whatever its size, the
 limits that cost nothing are checked on the raw JSON before pydantic builds a single model:
-counts of messages, content parts, stop strings and stop token ids, and text that cannot be
-encoded (lone UTF-16 surrogates, which JSON allows as escapes and UTF-8 does not).
+counts of messages, content parts, tools, logit_bias entries, stop strings and stop token ids,
+the bytes of message text, and text that cannot be encoded (lone UTF-16 surrogates, which JSON
+allows as escapes and UTF-8 does not).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
+from model_runtime.sampling_params import MAX_LOGIT_BIAS, MAX_STOP_CHARS, MAX_STOP_STRINGS
 from server.errors import BadRequestError, from_validation_errors
 
 LARGE_BODY_BYTES = 256 * 1024
@@ -30,6 +32,23 @@ class BodyLimits:
     max_messages: int
     max_content_parts: int
     max_stop_token_ids: int
+    max_text_bytes: int = 4 * 1024 * 1024
+    max_tools: int = 128
+
+
+def _text_bytes(messages: list[Any]) -> int:
+    """UTF-8 bytes of the messages' text (string contents and text parts)."""
+    total = 0
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, str):
+            total += len(content.encode("utf-8", "surrogatepass"))
+        elif isinstance(content, list):
+            for part in content:
+                text = part.get("text") if isinstance(part, dict) else None
+                if isinstance(text, str):
+                    total += len(text.encode("utf-8", "surrogatepass"))
+    return total
 
 
 def _too_many(what: str, count: int, limit: int, param: str, code: str) -> BadRequestError:
@@ -51,6 +70,29 @@ def check_counts(data: Any, limits: BodyLimits) -> None:
             raise _too_many(
                 "content parts", parts, limits.max_content_parts, "messages", "too_many_content_parts"
             )
+        text = _text_bytes(messages)
+        if text > limits.max_text_bytes:
+            raise BadRequestError(
+                f"The messages hold {text} bytes of text; at most {limits.max_text_bytes} per request.",
+                param="messages",
+                code="text_too_long",
+            )
+    tools = data.get("tools")
+    if isinstance(tools, list) and len(tools) > limits.max_tools:
+        raise _too_many("tools", len(tools), limits.max_tools, "tools", "too_many_tools")
+    bias = data.get("logit_bias")
+    if isinstance(bias, dict) and len(bias) > MAX_LOGIT_BIAS:
+        raise _too_many("logit_bias entries", len(bias), MAX_LOGIT_BIAS, "logit_bias", "too_many_logit_bias")
+    stop = data.get("stop")
+    stops = [stop] if isinstance(stop, str) else stop if isinstance(stop, list) else []
+    if len(stops) > MAX_STOP_STRINGS:
+        raise _too_many("stop strings", len(stops), MAX_STOP_STRINGS, "stop", "too_many_stop_strings")
+    if any(isinstance(s, str) and len(s) > MAX_STOP_CHARS for s in stops):
+        raise BadRequestError(
+            f"Stop strings may be at most {MAX_STOP_CHARS} characters long.",
+            param="stop",
+            code="invalid_value",
+        )
     ids = data.get("stop_token_ids")
     if isinstance(ids, list) and len(ids) > limits.max_stop_token_ids:
         raise _too_many(
@@ -89,6 +131,10 @@ def parse_body(body: bytes, model: type[Model], limits: BodyLimits) -> Model:
         data = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise BadRequestError("The request body is not valid JSON.", code="invalid_json") from None
+    except ValueError:  # an integer literal beyond Python's digit limit for conversions
+        raise BadRequestError(
+            "The request body holds a number with too many digits.", code="invalid_json"
+        ) from None
     except RecursionError:
         raise BadRequestError("The request body is nested too deeply.", code="invalid_json") from None
     if not isinstance(data, dict):

@@ -105,6 +105,10 @@ class Settings(EngineOptions):
     """content parts per request, all messages together (400 above)"""
     max_stop_token_ids: int = Field(64, ge=0)
     """stop_token_ids per request (400 above)"""
+    max_text_bytes: int = Field(4 * MiB, ge=1)
+    """UTF-8 bytes of message text per request, all messages together (400 above)"""
+    max_tools: int = Field(128, ge=0)
+    """function tools per request (400 above)"""
 
     # Generation limits.
     max_n: int = Field(8, ge=1)

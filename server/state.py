@@ -33,7 +33,9 @@ class ServerState:
     @property
     def body_limits(self) -> BodyLimits:
         s = self.settings
-        return BodyLimits(s.max_messages, s.max_content_parts, s.max_stop_token_ids)
+        return BodyLimits(
+            s.max_messages, s.max_content_parts, s.max_stop_token_ids, s.max_text_bytes, s.max_tools
+        )
 
     @property
     def status(self) -> str:

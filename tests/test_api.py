@@ -804,18 +804,48 @@ def test_a_body_sent_too_slowly_is_a_408(
 
 
 @pytest.mark.settings(max_connections=4)
-def test_connections_over_the_cap_are_closed_at_once(
+def test_at_the_connection_cap_idle_connections_make_room(
     served: tuple[subprocess.Popen[bytes], str], connect: Callable[[str], socket.socket]
 ) -> None:
     _, base = served
-    held = [connect(base) for _ in range(4)]
+    idle = [connect(base) for _ in range(4)]
     time.sleep(0.2)
-    over = [connect(base) for _ in range(3)]
-    assert all(_closed_within(sock, 2) for sock in over)
-    for sock in held:
-        sock.close()
-    time.sleep(0.2)
-    assert httpx.get(f"{base}/health", timeout=5).status_code == 200
+    fresh = connect(base)  # at the cap: the longest idle connection is closed for it
+    assert _closed_within(idle[0], 2) and not _closed_within(idle[1], 0.2)
+    fresh.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert fresh.recv(4096).startswith(b"HTTP/1.1 200")
+
+
+@pytest.mark.settings(max_connections=3)
+def test_when_every_connection_is_busy_a_new_one_is_closed(
+    served: tuple[subprocess.Popen[bytes], str], connect: Callable[[str], socket.socket]
+) -> None:
+    _, base = served
+    words = " ".join(f"w{i}" for i in range(60))  # 3 s of streaming each
+    body = json.dumps(chat(words, stream=True)).encode()
+    busy = [connect(base) for _ in range(3)]
+    for sock in busy:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+    assert _closed_within(connect(base), 2)
+
+
+def test_malformed_http_gets_the_json_envelope(
+    served: tuple[subprocess.Popen[bytes], str], connect: Callable[[str], socket.socket]
+) -> None:
+    _, base = served
+    sock = connect(base)
+    sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n")
+    answer = b""
+    while chunk := sock.recv(4096):
+        answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400") and b"application/json" in head
+    assert json.loads(body)["error"]["code"] == "invalid_http"
 
 
 def test_dead_engine_fails_health_then_exits_nonzero(served: tuple[subprocess.Popen[bytes], str]) -> None:

@@ -105,3 +105,20 @@ def test_cache_salts_keep_tenants_apart(loaded) -> None:
     roots = {r.cache_root for r in (plain, salted, other)}
     assert len(keys) == 3 and len(roots) == 3
     assert "tenant" not in "".join(keys)  # salts are hashed, never stored as sent
+
+
+def test_normalizing_in_pieces_never_counts_more_than_the_whole(loaded, monkeypatch) -> None:
+    """The piecewise count (which bounds memory) stays a lower bound of the whole text's bytes."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    monkeypatch.setattr(processor_module, "_NORMALIZE_PIECE", 5)
+    proc = processor(loaded)
+    alphabet = ["\u1100", "\u1161", "\u11a8", "e", "\u0301", "\u0323", " ", "\t", "a", "\n", "ﬁ", "가"]
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.text(alphabet=st.sampled_from(alphabet), max_size=80))
+    def check(text: str) -> None:
+        assert proc._normalized_bytes(text) <= len(proc.normalize(text).encode("utf-8"))
+
+    check()

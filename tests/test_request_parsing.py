@@ -129,3 +129,33 @@ async def test_the_request_body_is_still_documented_in_openapi() -> None:
     assert "ChatMessage" in schema["components"]["schemas"]
     async with client(make_app()) as c:
         assert (await c.post("/v1/chat/completions", json=chat())).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("fields", "param", "code"),
+    [
+        ({"messages": [{"role": "user", "content": "x" * 5000}]}, "messages", "text_too_long"),
+        (
+            {"tools": [{"type": "function", "function": {"name": f"f{i}"}} for i in range(5)]},
+            "tools",
+            "too_many_tools",
+        ),
+        ({"logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias", "too_many_logit_bias"),
+        ({"stop": ["a"] * 17}, "stop", "too_many_stop_strings"),
+        ({"stop": "x" * 1025}, "stop", "invalid_value"),
+    ],
+)
+def test_lengths_are_refused_on_the_raw_json(fields: dict, param: str, code: str) -> None:
+    limits = BodyLimits(
+        max_messages=10, max_content_parts=10, max_stop_token_ids=4, max_text_bytes=4096, max_tools=4
+    )
+    body = json.dumps({"messages": [{"role": "user", "content": "hi"}], **fields}).encode()
+    with pytest.raises(BadRequestError) as info:
+        parse_body(body, ChatCompletionRequest, limits)
+    assert info.value.param == param and info.value.code == code
+
+
+def test_a_number_with_too_many_digits_is_a_400_not_a_500() -> None:
+    body = b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1' + b"0" * 5000 + b"}"
+    with pytest.raises(BadRequestError, match="too many digits"):
+        parse_body(body, ChatCompletionRequest, BodyLimits(10, 10, 4))

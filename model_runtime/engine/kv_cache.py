@@ -52,6 +52,10 @@ class KVPool:
     def total_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
+    def release(self) -> None:
+        """Free the cache's memory (the pool is unusable afterwards)."""
+        self.k, self.v = [], []
+
     def flat(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Views [num_blocks * block_size, H_kv, D]: slot s of block b is row b * block_size + s."""
         k, v = self.k[layer], self.v[layer]

@@ -28,6 +28,7 @@ from model_runtime.config import EngineConfig
 from model_runtime.engine.sequence import ImageSlot, Request
 from model_runtime.engine.vision_cache import VisionFeatureCache
 from model_runtime.errors import InvalidRequestError, PromptTooLongError, RuntimeErrorBase
+from model_runtime.inputs.heap import trim_heap
 from model_runtime.inputs.image import load_image, probe_image
 from model_runtime.inputs.prompt import build_prompt
 from model_runtime.inputs.tiling import choose_grid
@@ -37,6 +38,10 @@ from model_runtime.loading.checkpoint import LoadedCheckpoint
 from model_runtime.loading.tokenizer import max_token_bytes, text_normalizer
 from model_runtime.request import ChatInput, ImageInput, VideoInput
 from model_runtime.sampling_params import SamplingParams
+
+_TRIM_AFTER_PIXELS = 8_000_000
+_NORMALIZE_PIECE = 1 << 16  # characters normalized at once
+_PIECE_SLACK_BYTES = 16
 
 
 def _digest(data: bytes) -> str:
@@ -54,6 +59,7 @@ class _Media:
     max_tiles: int
     frames: int = 1
     cached: list[ImageSlot] | None = None
+    pixels: int = 0  # decoded pixels (per frame for a video), from the header
 
 
 @dataclass
@@ -189,7 +195,7 @@ class Processor:
             return _Media(item, where, [key], [hit.num_tiles], max_tiles, cached=[hit])
         width, height = probe_image(item.data, max_pixels=self.config.max_image_pixels)
         tiles = self._tiles(width, height, max_tiles, min(self.loaded.min_tiles, max_tiles))
-        return _Media(item, where, [key], [tiles], max_tiles)
+        return _Media(item, where, [key], [tiles], max_tiles, pixels=width * height)
 
     def _plan_video(self, item: VideoInput, where: str, salt: str) -> _Media:
         config = self.config
@@ -207,7 +213,9 @@ class Processor:
             max_pixels_per_frame=config.max_image_pixels,
         )
         per_frame = video_tiles_per_frame(info, max_tiles, self.loaded.image_size, self.loaded.use_thumbnail)
-        return _Media(item, where, keys, [per_frame] * frames, max_tiles, frames)
+        return _Media(
+            item, where, keys, [per_frame] * frames, max_tiles, frames, pixels=info.width * info.height
+        )
 
     def _plan(self, chat: ChatInput, salt: str) -> list[_Media]:
         planned: list[_Media] = []
@@ -249,7 +257,7 @@ class Processor:
 
         if fits(sum(len(t.encode("utf-8")) for t in texts)):
             return
-        text_bytes = sum(len(self.normalize(t).encode("utf-8")) for t in texts)
+        text_bytes = sum(self._normalized_bytes(t) for t in texts)
         if fits(text_bytes):
             return
         at_least = image_tokens + text_bytes // self.max_token_bytes
@@ -259,6 +267,22 @@ class Processor:
             f"max_model_len {limit}",
             param="messages",
         )
+
+    def _normalized_bytes(self, text: str) -> int:
+        """UTF-8 bytes of `text` after the tokenizer's normalization, at most this many.
+
+        Normalized in pieces: a tokenizer's normalizer keeps per-character alignments (tens of
+        bytes each), so a megabyte at once would cost hundreds of megabytes. A cut can make the
+        pieces' sum exceed the whole's by a few bytes (a combining sequence or a run of spaces
+        split in two, a dummy-prefix space per piece), which the slack takes off again.
+        """
+        if len(text) <= _NORMALIZE_PIECE:
+            return len(self.normalize(text).encode("utf-8"))
+        total = pieces = 0
+        for start in range(0, len(text), _NORMALIZE_PIECE):
+            total += len(self.normalize(text[start : start + _NORMALIZE_PIECE]).encode("utf-8"))
+            pieces += 1
+        return max(0, total - _PIECE_SLACK_BYTES * (pieces - 1))
 
     # -- step 3: pixels, prompt, tokens ------------------------------------------------------------
 
@@ -279,6 +303,9 @@ class Processor:
         except RuntimeErrorBase as exc:
             exc.param = exc.param or media.where
             raise
+        finally:
+            if media.pixels >= _TRIM_AFTER_PIXELS:
+                trim_heap()  # the full-resolution pixels are freed by now; give their pages back
 
     def _decode(self, media: _Media) -> list[ImageSlot]:
         if media.cached is not None:
