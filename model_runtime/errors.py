@@ -8,10 +8,11 @@ import traceback
 class RuntimeErrorBase(Exception):
     """Base of every error the runtime raises on purpose; `message` is safe to show a client."""
 
-    def __init__(self, message: str, *, param: str | None = None) -> None:
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
+        self.code = code  # OpenAI's error code word, where one fits better than the default
 
 
 class InvalidRequestError(RuntimeErrorBase):

@@ -91,12 +91,16 @@ class ChatInput:
 
 @dataclass(frozen=True)
 class TokenLogprob:
-    """One sampled token's log-probability and the top alternatives at that step."""
+    """One token's log-probability (and for a sampled token, the top alternatives at that step).
+
+    `token_bytes` are the token's own bytes; `token` is their text, or OpenAI's `bytes:\\xNN`
+    spelling when they are part of a character."""
 
     token_id: int
     token: str
     logprob: float
-    top: tuple[tuple[int, str, float], ...] = ()
+    token_bytes: bytes = b""
+    top: tuple[TokenLogprob, ...] = ()
 
 
 FinishReason = Literal["stop", "length", "abort", "error"]

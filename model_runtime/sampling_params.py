@@ -9,14 +9,33 @@ from model_runtime.errors import InvalidRequestError
 
 MAX_N = 16
 MAX_TOP_LOGPROBS = 20
-MAX_STOP_STRINGS = 16
+MAX_STOP_STRINGS = 4  # OpenAI's limit
 MAX_STOP_CHARS = 1024  # each stop string; they are matched against every step's text
 MAX_LOGIT_BIAS = 300  # OpenAI's limit
 
 
-def _check(ok: bool, param: str, message: str) -> None:
+def _check(ok: bool, param: str, message: str, code: str = "invalid_value") -> None:
     if not ok:
-        raise InvalidRequestError(message, param=param)
+        raise InvalidRequestError(message, param=param, code=code)
+
+
+def _within(value: float, low: float | None, high: float | None, param: str) -> None:
+    """OpenAI's range errors: `decimal_above_max_value` and friends, in its wording."""
+    number = "integer" if isinstance(value, int) and not isinstance(value, bool) else "decimal"
+    if high is not None and value > high:
+        raise InvalidRequestError(
+            f"Invalid '{param}': {number} above maximum value. Expected a value <= {high:g}, but got "
+            f"{value} instead.",
+            param=param,
+            code=f"{number}_above_max_value",
+        )
+    if low is not None and value < low:
+        raise InvalidRequestError(
+            f"Invalid '{param}': {number} below minimum value. Expected a value >= {low:g}, but got "
+            f"{value} instead.",
+            param=param,
+            code=f"{number}_below_min_value",
+        )
 
 
 @dataclass(frozen=True)
@@ -49,31 +68,33 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        # top_p 0 keeps only the most likely token, as OpenAI reads it.
+        return self.temperature == 0.0 or self.top_k == 1 or self.top_p == 0.0
 
     def validate(self, *, max_n: int = MAX_N) -> SamplingParams:
-        _check(isinstance(self.n, int) and 1 <= self.n <= max_n, "n", f"n must be between 1 and {max_n}")
-        _check(self.max_tokens is None or self.max_tokens >= 1, "max_tokens", "max_tokens must be at least 1")
-        _check(0.0 <= self.temperature <= 2.0, "temperature", "temperature must be between 0 and 2")
-        _check(0.0 < self.top_p <= 1.0, "top_p", "top_p must be in (0, 1]")
-        _check(self.top_k >= 0 or self.top_k == -1, "top_k", "top_k must be -1, 0 (disabled) or positive")
-        _check(0.0 <= self.min_p <= 1.0, "min_p", "min_p must be between 0 and 1")
+        _within(self.n, 1, max_n, "n")
+        if self.max_tokens is not None:
+            _within(self.max_tokens, 1, None, "max_tokens")
+        _within(self.temperature, 0, 2, "temperature")
+        _within(self.top_p, 0, 1, "top_p")
+        _check(
+            self.top_k >= -1, "top_k", "top_k must be -1, 0 (disabled) or positive", "integer_below_min_value"
+        )
+        _within(self.min_p, 0, 1, "min_p")
         _check(
             0.0 < self.repetition_penalty <= 10.0,
             "repetition_penalty",
             "repetition_penalty must be in (0, 10]",
         )
+        _within(self.presence_penalty, -2, 2, "presence_penalty")
+        _within(self.frequency_penalty, -2, 2, "frequency_penalty")
         _check(
-            -2.0 <= self.presence_penalty <= 2.0,
-            "presence_penalty",
-            "presence_penalty must be between -2 and 2",
+            len(self.stop) <= MAX_STOP_STRINGS,
+            "stop",
+            f"Invalid 'stop': array too long. Expected an array with maximum length {MAX_STOP_STRINGS}, but "
+            f"got an array with length {len(self.stop)} instead.",
+            "array_above_max_length",
         )
-        _check(
-            -2.0 <= self.frequency_penalty <= 2.0,
-            "frequency_penalty",
-            "frequency_penalty must be between -2 and 2",
-        )
-        _check(len(self.stop) <= MAX_STOP_STRINGS, "stop", f"at most {MAX_STOP_STRINGS} stop strings")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", "stop strings must be non-empty")
         _check(
             all(len(s) <= MAX_STOP_CHARS for s in self.stop),
@@ -81,21 +102,21 @@ class SamplingParams:
             f"stop strings may be {MAX_STOP_CHARS} chars",
         )
         _check(all(t >= 0 for t in self.stop_token_ids), "stop_token_ids", "stop token ids must be >= 0")
+        _within(self.top_logprobs, 0, MAX_TOP_LOGPROBS, "top_logprobs")
         _check(
-            0 <= self.top_logprobs <= MAX_TOP_LOGPROBS,
+            not self.top_logprobs or self.logprobs,
             "top_logprobs",
-            f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}",
+            "Invalid value for 'top_logprobs': 'logprobs' must be true when 'top_logprobs' is set.",
         )
-        _check(not self.top_logprobs or self.logprobs, "top_logprobs", "top_logprobs requires logprobs=true")
-        _check(self.seed is None or -(2**63) <= self.seed < 2**64, "seed", "seed must fit in 64 bits")
+        if self.seed is not None:
+            _within(self.seed, -(2**63), 2**63 - 1, "seed")
         _check(
             len(self.logit_bias) <= MAX_LOGIT_BIAS,
             "logit_bias",
             f"at most {MAX_LOGIT_BIAS} logit_bias entries",
+            "array_above_max_length",
         )
-        _check(
-            all(t >= 0 and -100.0 <= b <= 100.0 for t, b in self.logit_bias),
-            "logit_bias",
-            "logit_bias maps token ids (>= 0) to values between -100 and 100",
-        )
+        for token, bias in self.logit_bias:
+            _within(bias, -100, 100, "logit_bias")
+            _check(token >= 0, "logit_bias", "logit_bias keys are token ids (>= 0)")
         return self

@@ -88,7 +88,9 @@ class Media:
         self.video = data_uri("video/mp4", mp4_bytes(frames=12, width=64, height=48))
 
 
-def build_request(rng: random.Random, media: Media, config: SoakConfig) -> tuple[str, dict[str, Any]]:
+def build_request(
+    rng: random.Random, media: Media, config: SoakConfig, model: str
+) -> tuple[str, dict[str, Any]]:
     """(kind, body) of one streaming request."""
     roll = rng.random()
     text = {
@@ -113,6 +115,7 @@ def build_request(rng: random.Random, media: Media, config: SoakConfig) -> tuple
             text,
         ]
     body: dict[str, Any] = {
+        "model": model,
         "messages": [{"role": "user", "content": parts}],
         "max_tokens": rng.randint(*config.max_tokens),
         "temperature": rng.choice([0.0, 0.7, 1.0]),
@@ -200,14 +203,23 @@ async def one_request(
     return ("abandoned", None) if leave_after is not None and events[-1:] != ["[DONE]"] else ("served", None)
 
 
+def served_model(base_url: str) -> str:
+    """The first name the server answers to: requests must name their model, as OpenAI's do."""
+    with httpx.Client(base_url=base_url, timeout=30, trust_env=False) as client:
+        response = client.get("/v1/models")
+        response.raise_for_status()
+        return str(response.json()["data"][0]["id"])
+
+
 async def soak(base_url: str, config: SoakConfig, media: Media | None = None) -> SoakReport:
     """Send `config.count` streaming requests, at most `config.concurrency` at once."""
     require_loopback(base_url)
     media = media or Media()
     rng = random.Random(config.seed)
+    model = served_model(base_url)
     plan = []
     for _ in range(config.count):
-        kind, body = build_request(rng, media, config)
+        kind, body = build_request(rng, media, config, model)
         leave_after = rng.randint(2, 4) if rng.random() < config.disconnect_ratio else None
         plan.append((kind, body, leave_after))
     report = SoakReport()

@@ -103,7 +103,7 @@ def sampling_params(req: ChatCompletionRequest, settings: Settings, info: ModelI
         )
     except InvalidRequestError as exc:
         param = req.max_tokens_param if exc.param == "max_tokens" else exc.param
-        raise BadRequestError(exc.message, param=param, code="invalid_value") from None
+        raise BadRequestError(exc.message, param=param, code=exc.code or "invalid_value") from None
 
 
 @dataclass(frozen=True)
@@ -174,6 +174,24 @@ def plan_messages(
             code="too_many_videos",
         )
     return planned
+
+
+def check_request(req: ChatCompletionRequest) -> None:
+    """What OpenAI requires beyond each field's own type: content where a role needs it, and
+    stream_options only with stream."""
+    if req.stream_options is not None and not req.stream:
+        raise BadRequestError(
+            "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+            param="stream_options",
+            code="invalid_value",
+        )
+    for i, message in enumerate(req.messages):
+        if message.content is None and not (message.role == "assistant" and message.tool_calls):
+            raise BadRequestError(
+                f"Missing required parameter: 'messages[{i}].content'.",
+                param=f"messages[{i}].content",
+                code="missing_required_parameter",
+            )
 
 
 def with_tools(chat: ChatInput, req: ChatCompletionRequest) -> ChatInput:
@@ -325,6 +343,7 @@ class ChatService:
         return "\0".join(parts) if any(parts) else ""
 
     async def _create(self, req: ChatCompletionRequest, tracker: RequestTracker, cache_salt: str) -> Response:
+        check_request(req)
         model = self.resolve_model(req.model)
         if self._engine.health != "ready":
             raise ServiceUnavailableError(

@@ -50,9 +50,10 @@ def to_logprobs(items: list[EngineTokenLogprob] | None) -> ChoiceLogprobs | None
             TokenLogprob(
                 token=item.token,
                 logprob=item.logprob,
-                bytes=list(item.token.encode("utf-8")),
+                bytes=list(item.token_bytes),
                 top_logprobs=[
-                    TopLogprob(token=t, logprob=lp, bytes=list(t.encode("utf-8"))) for _, t, lp in item.top
+                    TopLogprob(token=top.token, logprob=top.logprob, bytes=list(top.token_bytes))
+                    for top in item.top
                 ],
             )
             for item in items

@@ -153,7 +153,7 @@ def from_runtime_error(exc: RuntimeErrorBase) -> APIError:
     if isinstance(exc, MediaError):
         return BadRequestError(exc.message, param=exc.param, code="invalid_media")
     if isinstance(exc, InvalidRequestError):
-        return BadRequestError(exc.message, param=exc.param, code="invalid_value")
+        return BadRequestError(exc.message, param=exc.param, code=exc.code or "invalid_value")
     if isinstance(exc, QueueFullError):
         return ServiceUnavailableError(
             "The server is at capacity; retry shortly.",
@@ -194,7 +194,8 @@ def error_response(err: APIError) -> JSONResponse:
 
 
 def from_validation_errors(errors: Sequence[Any]) -> BadRequestError:
-    """Pydantic's errors -> one 400 naming the field path, e.g. `messages[0].content[1].image_url.detail`."""
+    """Pydantic's errors -> one 400 naming the field path (`messages[0].content[1].image_url.detail`),
+    with OpenAI's error code and wording for the kind of problem."""
     if not errors:
         return BadRequestError("The request is invalid.")
     # With unions pydantic reports every member; the deepest location is the most specific complaint.
@@ -202,18 +203,92 @@ def from_validation_errors(errors: Sequence[Any]) -> BadRequestError:
     loc = list(err.get("loc", ()))
     if loc and loc[0] == "body":
         loc = loc[1:]
-    if err.get("type") == "json_invalid":
+    kind = err.get("type", "")
+    if kind == "json_invalid":
         return BadRequestError("The request body is not valid JSON.", code="invalid_json")
     if not loc:
-        if err.get("type") == "missing":
+        if kind == "missing":
             return BadRequestError("A JSON request body is required.", code="missing_body")
         return BadRequestError(
             "The request body must be a JSON object (Content-Type: application/json).", code="invalid_body"
         )
     param = format_loc(loc)
-    return BadRequestError(
-        f"Invalid value for '{param}': {err.get('msg', 'invalid')}", param=param, code="invalid_value"
-    )
+    code, message = _describe(kind, err, param)
+    return BadRequestError(message, param=param, code=code)
+
+
+_TYPE_NAMES = {
+    "int": "an integer",
+    "float": "a number",
+    "string": "a string",
+    "bool": "a boolean",
+    "list": "an array",
+    "dict": "an object",
+    "model": "an object",
+}
+
+
+def _json_type(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return "null" if value is None else "a value of another type"
+
+
+def _describe(kind: str, err: Any, param: str) -> tuple[str, str]:
+    """OpenAI's (code, message) for one pydantic error type."""
+    ctx = err.get("ctx") or {}
+    value = err.get("input")
+    if kind == "missing":
+        return "missing_required_parameter", f"Missing required parameter: '{param}'."
+    if kind.endswith("_type") and kind[: -len("_type")] in _TYPE_NAMES or kind.endswith("_parsing"):
+        expected = _TYPE_NAMES.get(kind.split("_")[0], "another type")
+        return (
+            "invalid_type",
+            f"Invalid type for '{param}': expected {expected}, but got {_json_type(value)} instead.",
+        )
+    if kind == "invalid_type":  # ours (e.g. a bare image_url string), with its own message
+        return "invalid_type", f"Invalid type for '{param}': {err.get('msg', '')}."
+    if kind == "too_short" and ctx.get("min_length") == 1 and isinstance(value, list):
+        return (
+            "empty_array",
+            f"Invalid '{param}': empty array. Expected an array with minimum length 1, but got an empty "
+            "array instead.",
+        )
+    if kind == "too_long" and isinstance(value, list):
+        return (
+            "array_above_max_length",
+            f"Invalid '{param}': array too long. Expected an array with maximum length "
+            f"{ctx.get('max_length')}, but got an array with length {len(value)} instead.",
+        )
+    if kind in ("string_too_short", "string_too_long"):
+        code = "string_below_min_length" if kind == "string_too_short" else "string_above_max_length"
+        return code, f"Invalid '{param}': {err.get('msg', 'invalid length')}."
+    bounds = {
+        "less_than_equal": ("above_max_value", "<=", "le"),
+        "less_than": ("above_max_value", "<", "lt"),
+        "greater_than_equal": ("below_min_value", ">=", "ge"),
+        "greater_than": ("below_min_value", ">", "gt"),
+    }
+    if kind in bounds:
+        suffix, sign, key = bounds[kind]
+        number = "integer" if isinstance(value, int) and not isinstance(value, bool) else "decimal"
+        words = suffix.replace("_", " ")
+        return (
+            f"{number}_{suffix}",
+            f"Invalid '{param}': {number} {words}. Expected a value {sign} {ctx.get(key)}, but got {value} "
+            "instead.",
+        )
+    return "invalid_value", f"Invalid value for '{param}': {err.get('msg', 'invalid')}"
 
 
 _TYPE_TAGS = frozenset({"str", "int", "float", "bool", "none", "list", "dict"})

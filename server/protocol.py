@@ -19,6 +19,7 @@ from pydantic import (
     model_serializer,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from model_runtime.sampling_params import SamplingParams
 
@@ -26,9 +27,10 @@ logger = logging.getLogger(__name__)
 
 
 class OpenAIRequestModel(BaseModel):
-    """Base of request models: unknown fields are logged at debug and dropped."""
+    """Base of request models: unknown fields are logged at debug and dropped; known fields are
+    typed strictly, as OpenAI does ("8" is not an integer, "yes" not a boolean)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     @model_validator(mode="before")
     @classmethod
@@ -78,8 +80,9 @@ class ImagePart(OpenAIRequestModel):
     @field_validator("image_url", mode="before")
     @classmethod
     def _bare_url(cls, value: Any) -> Any:
-        # Some clients send "image_url": "https://..." instead of an object.
-        return {"url": value} if isinstance(value, str) else value
+        if isinstance(value, str):
+            raise PydanticCustomError("invalid_type", 'image_url must be an object: {"url": "..."}')
+        return value
 
 
 class VideoPart(OpenAIRequestModel):
@@ -91,7 +94,9 @@ class VideoPart(OpenAIRequestModel):
     @field_validator("video_url", mode="before")
     @classmethod
     def _bare_url(cls, value: Any) -> Any:
-        return {"url": value} if isinstance(value, str) else value
+        if isinstance(value, str):
+            raise PydanticCustomError("invalid_type", 'video_url must be an object: {"url": "..."}')
+        return value
 
 
 ContentPart = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]
@@ -209,7 +214,7 @@ class ChatCompletionRequest(OpenAIRequestModel):
     """POST /v1/chat/completions."""
 
     messages: list[ChatMessage] = Field(min_length=1)
-    model: str | None = None  # None: the first served name
+    model: str
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     logprobs: bool | None = None
@@ -416,7 +421,6 @@ class ChatCompletion(BaseModel):
     model: str
     choices: list[Choice]
     usage: Usage
-    system_fingerprint: str | None = None
 
 
 class DeltaMessage(BaseModel):
@@ -452,7 +456,6 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChunkChoice]
     usage: Usage | None = None
-    system_fingerprint: str | None = None
 
 
 class ModelCard(BaseModel):

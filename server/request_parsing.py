@@ -86,7 +86,12 @@ def check_counts(data: Any, limits: BodyLimits) -> None:
     stop = data.get("stop")
     stops = [stop] if isinstance(stop, str) else stop if isinstance(stop, list) else []
     if len(stops) > MAX_STOP_STRINGS:
-        raise _too_many("stop strings", len(stops), MAX_STOP_STRINGS, "stop", "too_many_stop_strings")
+        raise BadRequestError(
+            f"Invalid 'stop': array too long. Expected an array with maximum length {MAX_STOP_STRINGS}, but "
+            f"got an array with length {len(stops)} instead.",
+            param="stop",
+            code="array_above_max_length",
+        )
     if any(isinstance(s, str) and len(s) > MAX_STOP_CHARS for s in stops):
         raise BadRequestError(
             f"Stop strings may be at most {MAX_STOP_CHARS} characters long.",

@@ -175,8 +175,11 @@ def _step(choice: _Choice, index: int, step: int, params: SamplingParams) -> Com
     choice.finish = finish
     logprobs = None
     if params.logprobs:
-        top = tuple((100 + j, f"alt{j}", -1.0 - j) for j in range(params.top_logprobs))
-        logprobs = [TokenLogprob(token_id=step, token=token, logprob=-0.5, top=top)]
+        top = tuple(
+            TokenLogprob(token_id=100 + j, token=f"alt{j}", logprob=-1.0 - j, token_bytes=f"alt{j}".encode())
+            for j in range(params.top_logprobs)
+        )
+        logprobs = [TokenLogprob(step, token, -0.5, token.encode(), top)]
     return CompletionDelta(index, delta_text, [step], logprobs, finish)
 
 

@@ -62,6 +62,9 @@ def metric_values(text: str) -> dict[str, float]:
     return values
 
 
+SERVED_MODEL_NAME = "tiny-internvl"
+
+
 @dataclass
 class ServerProcess:
     """One `internvl-serve` process; `start()` returns at once, `wait_healthy()` blocks."""
@@ -100,6 +103,8 @@ class ServerProcess:
             "--port",
             str(self.port),
             *self.args,
+            # requests must name their model; every test server answers to the same name
+            *([] if "--served-model-name" in self.args else ["--served-model-name", SERVED_MODEL_NAME]),
         ]
 
     def start(self) -> ServerProcess:
@@ -281,7 +286,6 @@ class ServerPool:
 
 MAIN = "main"  # default settings (private networks refused, no key), as a user starts it
 KEYED = "keyed"  # the fault launcher (its hook fires only on marker prompts), with an API key
-SERVED_MODEL_NAME = "tiny-internvl"
 API_KEY = "k1"
 DRAIN_TIMEOUT_S = 10.0
 

@@ -31,6 +31,7 @@ from server.log import RequestIdFilter
 from server.media import MediaFetcher
 from server.settings import Settings
 from tests.fakes import FAKE_INFO, IMAGE_TOKENS_PER_TILE, SECRET_DETAIL, FakeEngine, parse_sse
+from tests.openapi_spec import SpecCheckingClient, assert_conforms
 
 MODEL = "fake-model"
 PNG = "data:image/png;base64," + base64.b64encode(b"\x89PNG fake image bytes").decode()
@@ -54,7 +55,7 @@ def make_app(
 async def client(app: FastAPI, **headers: str) -> AsyncIterator[httpx.AsyncClient]:
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test", headers=headers) as c:
+        async with SpecCheckingClient(transport=transport, base_url="http://test", headers=headers) as c:
             yield c
 
 
@@ -262,42 +263,77 @@ async def test_too_many_images_refused_before_any_fetch() -> None:
 
 @pytest.mark.anyio
 @pytest.mark.parametrize(
-    ("body", "param"),
+    ("body", "param", "code"),
     [
-        (chat(temperature="hot"), "temperature"),
-        (chat(temperature=5), "temperature"),
-        (chat(n=9), "n"),
-        (chat(top_p=0), "top_p"),
-        (chat(max_completion_tokens=10**6), "max_completion_tokens"),
-        (chat(max_tokens=0), "max_tokens"),
-        (chat(top_logprobs=3), "top_logprobs"),
-        (chat(stop=[1, 2]), "stop[0]"),
-        ({"model": MODEL}, "messages"),
-        ({"model": MODEL, "messages": []}, "messages"),
-        ({"model": MODEL, "messages": [{"role": "tool", "content": "x"}]}, "messages[0].tool_call_id"),
+        (chat(temperature="hot"), "temperature", "invalid_type"),
+        (chat(temperature=5), "temperature", "decimal_above_max_value"),
+        (chat(n=9), "n", "integer_above_max_value"),
+        (chat(n=0), "n", "integer_below_min_value"),
+        (chat(top_p=1.5), "top_p", "decimal_above_max_value"),
+        (chat(max_completion_tokens=10**6), "max_completion_tokens", None),
+        (chat(max_tokens=0), "max_tokens", "integer_below_min_value"),
+        (chat(max_tokens="8"), "max_tokens", "invalid_type"),
+        (chat(stream="yes"), "stream", "invalid_type"),
+        (chat(seed=2**63), "seed", "integer_above_max_value"),
+        (chat(stop=["a", "b", "c", "d", "e"]), "stop", "array_above_max_length"),
+        (chat(top_logprobs=3), "top_logprobs", "invalid_value"),
+        (chat(stop=[1, 2]), "stop[0]", "invalid_type"),
+        (chat(stream_options={"include_usage": True}), "stream_options", "invalid_value"),
+        ({"messages": [{"role": "user", "content": "hi"}]}, "model", "missing_required_parameter"),
+        ({"model": MODEL}, "messages", "missing_required_parameter"),
+        ({"model": MODEL, "messages": []}, "messages", "empty_array"),
+        (
+            {"model": MODEL, "messages": [{"role": "user"}]},
+            "messages[0].content",
+            "missing_required_parameter",
+        ),
+        ({"model": MODEL, "messages": [{"role": "tool", "content": "x"}]}, "messages[0].tool_call_id", None),
         (
             {
+                "model": MODEL,
                 "messages": [
                     {
                         "role": "user",
                         "content": [{"type": "image_url", "image_url": {"url": PNG, "detail": "mid"}}],
                     }
-                ]
+                ],
             },
             "messages[0].content[0].image_url.detail",
+            "invalid_value",
         ),
-        ({"messages": [{"role": "user", "content": [{"type": "audio"}]}]}, "messages[0].content[0]"),
         (
-            {"messages": [{"role": "system", "content": [{"type": "image_url", "image_url": PNG}]}]},
+            {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "audio"}]}]},
             "messages[0].content[0]",
+            None,
+        ),
+        (
+            {
+                "model": MODEL,
+                "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": PNG}]}],
+            },
+            "messages[0].content[0].image_url",
+            "invalid_type",
+        ),
+        (
+            {
+                "model": MODEL,
+                "messages": [
+                    {"role": "system", "content": [{"type": "image_url", "image_url": {"url": PNG}}]}
+                ],
+            },
+            "messages[0].content[0]",
+            None,
         ),
     ],
 )
-async def test_400_names_the_field(body: dict[str, Any], param: str) -> None:
+async def test_400_names_the_field(body: dict[str, Any], param: str, code: str | None) -> None:
     async with client(make_app()) as c:
         r = await c.post("/v1/chat/completions", json=body)
     error = assert_envelope(r, 400, param)
     assert error["type"] == "invalid_request_error"
+    if code is not None:
+        assert error["code"] == code, error
+    assert_conforms("ErrorResponse", r.json())
 
 
 @pytest.mark.anyio
@@ -308,7 +344,8 @@ async def test_400_for_bad_json_and_non_object_body() -> None:
         )
         array = await c.post("/v1/chat/completions", json=[1, 2])
         no_type = await c.post(
-            "/v1/chat/completions", content=b'{"messages": [{"role": "user", "content": "hi"}]}'
+            "/v1/chat/completions",
+            content=b'{"model": "' + MODEL.encode() + b'", "messages": [{"role": "user", "content": "hi"}]}',
         )
     assert assert_envelope(bad, 400)["code"] == "invalid_json"
     assert_envelope(array, 400)
@@ -605,7 +642,7 @@ async def test_metrics_endpoint() -> None:
     assert f"internvl:prompt_tokens_total{{{label}}} 2.0" in text
     assert f"internvl:generation_tokens_total{{{label}}} 3.0" in text
     assert 'internvl:request_success_total{finish_reason="stop",' in text
-    assert 'internvl:request_errors_total{error_type="invalid_value",' in text
+    assert 'internvl:request_errors_total{error_type="integer_above_max_value",' in text
 
 
 @pytest.mark.anyio
@@ -1061,7 +1098,7 @@ async def test_tool_history_reaches_the_engine() -> None:
             {
                 "messages": [
                     {"role": "user", "content": "x", "tool_calls": []},
-                    {"role": "user", "tool_calls": [{"id": "a", "function": {"name": "f"}}]},
+                    {"role": "user", "content": "y", "tool_calls": [{"id": "a", "function": {"name": "f"}}]},
                 ]
             },
             "messages[1].tool_calls",

@@ -20,6 +20,7 @@ import openai
 import pytest
 
 from model_runtime.inputs.tiling import choose_grid
+from tests.openapi_spec import SpecCheckingTransport
 from tests.server_process import (
     API_KEY,
     KEYED,
@@ -66,7 +67,10 @@ def server(servers: SharedServers) -> ServerProcess:
 
 @pytest.fixture(scope="module")
 def client(server: ServerProcess) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=60) as c:
+    checked = httpx.Client(transport=SpecCheckingTransport(), timeout=60, trust_env=False)
+    with openai.OpenAI(
+        base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, http_client=checked
+    ) as c:
         yield c
 
 
@@ -243,7 +247,35 @@ def test_logprobs_and_top_logprobs(client: openai.OpenAI) -> None:
         assert top == sorted(top, reverse=True)
         # Greedy: the chosen token is the most likely one.
         assert item.logprob == pytest.approx(top[0], abs=1e-5)
-        assert item.bytes == list(item.token.encode("utf-8"))
+
+
+def test_logprob_bytes_rebuild_the_text(client: openai.OpenAI, server: ServerProcess) -> None:
+    """Byte-level tokens that are part of a character: `token` says `bytes:\\xNN`, `bytes` are the
+    token's own, and the bytes of the answer's tokens are the answer."""
+    from model_runtime.loading.tokenizer import load_tokenizer
+
+    added = set(load_tokenizer(server.model).get_added_vocab())
+    r = chat(
+        client,
+        user("Hello"),
+        temperature=1.0,
+        seed=7,
+        max_tokens=64,
+        logprobs=True,
+        extra_body={"ignore_eos": True},
+    )
+    items = r.choices[0].logprobs.content
+    partial = [item for item in items if item.token.startswith("bytes:")]
+    assert partial, "no token in 64 random ones was part of a character: pick another seed"
+    for item in items:
+        if item.token.startswith("bytes:"):
+            assert item.token == "bytes:" + "".join(f"\\x{b:02x}" for b in item.bytes)
+            with pytest.raises(UnicodeDecodeError):
+                bytes(item.bytes).decode("utf-8")
+        else:
+            assert item.bytes == list(item.token.encode("utf-8"))
+    text = b"".join(bytes(item.bytes) for item in items if item.token not in added)
+    assert text.decode("utf-8", errors="replace") == r.choices[0].message.content
 
 
 # -- models --------------------------------------------------------------------------------------
@@ -278,7 +310,11 @@ def curl(*args: str, body: dict[str, Any]) -> str:
 
 
 def test_curl_non_streaming(server: ServerProcess) -> None:
-    body = {"messages": [user(image(SQUARE_PNG), "What is in the picture?")], "max_tokens": 5}
+    body = {
+        "model": MODEL_NAME,
+        "messages": [user(image(SQUARE_PNG), "What is in the picture?")],
+        "max_tokens": 5,
+    }
     answer = json.loads(curl(f"{server.base_url}/v1/chat/completions", body=body))
     assert answer["object"] == "chat.completion" and answer["model"] == MODEL_NAME
     assert answer["usage"]["prompt_tokens_details"]["image_tokens"] == TOKENS_PER_TILE
@@ -286,6 +322,7 @@ def test_curl_non_streaming(server: ServerProcess) -> None:
 
 def test_curl_streaming(server: ServerProcess) -> None:
     body = {
+        "model": MODEL_NAME,
         "messages": [user("Hello")],
         "max_tokens": 5,
         "stream": True,
@@ -315,6 +352,7 @@ def wait_for_gauges(server: ServerProcess, within_s: float, **expected: float) -
 def test_disconnect_mid_stream_frees_the_worker(server: ServerProcess) -> None:
     before = server.metrics()
     body = {
+        "model": MODEL_NAME,
         "messages": [user("Tell me a very long story.")],
         "max_tokens": 3000,
         "ignore_eos": True,
@@ -385,7 +423,7 @@ def test_metrics_are_valid_prometheus_text(server: ServerProcess) -> None:
 
 def test_api_key_required_on_models_and_completions(servers: SharedServers) -> None:
     keyed = servers.pool.get(KEYED)  # a second server, started with --api-key
-    body = {"messages": [user("hi")], "max_tokens": 2}
+    body = {"model": MODEL_NAME, "messages": [user("hi")], "max_tokens": 2}
     with httpx.Client(base_url=keyed.base_url, timeout=30, trust_env=False) as c:
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {API_KEY}"}):
             for r in (

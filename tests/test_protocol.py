@@ -25,7 +25,9 @@ from server.protocol import (
 
 
 def request(**fields: Any) -> ChatCompletionRequest:
-    return ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "hi"}], **fields})
+    return ChatCompletionRequest.model_validate(
+        {"model": "m", "messages": [{"role": "user", "content": "hi"}], **fields}
+    )
 
 
 def test_string_content_becomes_one_text_part() -> None:
@@ -36,6 +38,7 @@ def test_string_content_becomes_one_text_part() -> None:
 def test_content_parts_and_extensions() -> None:
     req = ChatCompletionRequest.model_validate(
         {
+            "model": "m",
             "messages": [
                 {"role": "developer", "content": "be brief"},
                 {
@@ -43,7 +46,7 @@ def test_content_parts_and_extensions() -> None:
                     "content": [
                         {"type": "text", "text": "what is this?"},
                         {"type": "image_url", "image_url": {"url": "https://x/a.png", "detail": "low"}},
-                        {"type": "image_url", "image_url": "https://x/b.png"},
+                        {"type": "image_url", "image_url": {"url": "https://x/b.png"}},
                         {
                             "type": "image_url",
                             "image_url": {"url": "https://x/c.png", "max_dynamic_patch": 4},
@@ -52,7 +55,7 @@ def test_content_parts_and_extensions() -> None:
                     ],
                 },
                 {"role": "assistant", "content": None},
-            ]
+            ],
         }
     )
     parts = req.messages[1].content or []
@@ -121,7 +124,7 @@ def test_include_usage_only_when_streaming() -> None:
 )  # fmt: skip
 def test_validation_errors_name_the_field(body: dict[str, Any], param: str) -> None:
     with pytest.raises(ValidationError) as info:
-        ChatCompletionRequest.model_validate(body)
+        ChatCompletionRequest.model_validate({"model": "m", **body})
     err = from_validation_errors(info.value.errors())
     assert err.param == param and err.status_code == 400
     assert param in err.message
@@ -168,4 +171,4 @@ def test_any_numbers_give_valid_params_or_an_error_naming_a_field(**fields: Any)
     except InvalidRequestError as exc:
         assert exc.param is not None
         return
-    assert 1 <= params.n <= 8 and 0 <= params.temperature <= 2 and 0 < params.top_p <= 1
+    assert 1 <= params.n <= 8 and 0 <= params.temperature <= 2 and 0 <= params.top_p <= 1

@@ -47,6 +47,7 @@ from tests.server_process import (
     KEYED,
     LEAN_FLAGS,
     MAIN,
+    SERVED_MODEL_NAME,
     ServerProcess,
     SharedServers,
     data_uri,
@@ -138,6 +139,7 @@ def video_part(url: str, **fields: Any) -> dict[str, Any]:
 
 def body_of(*parts: dict[str, Any], **fields: Any) -> dict[str, Any]:
     fields.setdefault("max_tokens", 4)
+    fields.setdefault("model", SERVED_MODEL_NAME)
     return {"messages": [{"role": "user", "content": [*parts, text_part("Describe it.")]}], **fields}
 
 
@@ -310,7 +312,12 @@ async def stream_to_end(
 
 
 def long_body(text: str, max_tokens: int = 300) -> dict[str, Any]:
-    return {"messages": [{"role": "user", "content": text}], "max_tokens": max_tokens, "ignore_eos": True}
+    return {
+        "model": SERVED_MODEL_NAME,
+        "messages": [{"role": "user", "content": text}],
+        "max_tokens": max_tokens,
+        "ignore_eos": True,
+    }
 
 
 def test_injected_fault_fails_only_its_request(faults: ServerProcess) -> None:
@@ -486,7 +493,7 @@ async def test_redirect_chain_to_loopback_refused_in_process(
     def pretend_public(ip: IPAddress) -> bool:
         return ip == ipaddress.ip_address("127.0.0.2") or is_public_address(ip)
 
-    settings = Settings()
+    settings = Settings(served_model_name=[SERVED_MODEL_NAME])
     engine = FakeEngine()
     app = create_app(settings, engine, fetcher=MediaFetcher(settings, address_allowed=pretend_public))
     chain = image_part(f"{public_server.base}/hop")  # /hop -> /redirect -> redirect_to

@@ -141,7 +141,7 @@ async def test_the_request_body_is_still_documented_in_openapi() -> None:
             "too_many_tools",
         ),
         ({"logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias", "too_many_logit_bias"),
-        ({"stop": ["a"] * 17}, "stop", "too_many_stop_strings"),
+        ({"stop": ["a"] * 5}, "stop", "array_above_max_length"),
         ({"stop": "x" * 1025}, "stop", "invalid_value"),
     ],
 )

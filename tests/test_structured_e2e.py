@@ -15,11 +15,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import jsonschema
 import openai
 import pydantic
 import pytest
 
+from tests.openapi_spec import SpecCheckingTransport
 from tests.server_process import (
     MAIN,
     SERVED_MODEL_NAME,
@@ -82,7 +84,8 @@ def base_url(server: ServerProcess) -> str:
 
 @pytest.fixture(scope="module")
 def client(base_url: str) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=120) as c:
+    checked = httpx.Client(transport=SpecCheckingTransport(), timeout=120, trust_env=False)
+    with openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, http_client=checked) as c:
         yield c
 
 
@@ -199,7 +202,9 @@ def test_langchain_with_structured_output(base_url: str, method: str) -> None:
     import httpx
     from langchain_openai import ChatOpenAI
 
-    with httpx.Client() as http:  # closed here, so no connection outlives the test
+    with httpx.Client(
+        transport=SpecCheckingTransport()
+    ) as http:  # closed here, so no connection outlives the test
         llm = ChatOpenAI(
             model=SERVED_MODEL_NAME,
             base_url=base_url,

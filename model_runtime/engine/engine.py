@@ -8,6 +8,7 @@ device unusable (anything but out-of-memory on CUDA) marks the engine dead.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from model_runtime.engine.vision_cache import VisionFeatureCache
 from model_runtime.errors import RequestFailedError
 from model_runtime.loading.checkpoint import LoadedCheckpoint
 from model_runtime.request import CompletionDelta, EngineStats, RequestOutput, TokenLogprob
+from model_runtime.structured.tokenizer import Vocabulary, token_string
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +103,8 @@ class Engine:
         self.pool = KVPool(shape, num_blocks, size, loaded.dtype, devices)
         self.kv = KVCacheManager(num_blocks, size, prefix_caching=config.enable_prefix_caching)
         self.vision_cache = VisionFeatureCache(config.vision_cache_mib * 2**20)
+        vocab_size = int(loaded.model.get_output_embeddings().weight.shape[0])
+        self.vocabulary = Vocabulary(loaded.tokenizer, vocab_size, loaded.stop_token_ids)
         kind = "cuda" if loaded.device.type == "cuda" else "cpu"
         vision_batch = VISION_BATCH_TILES_GPU if kind == "cuda" else VISION_BATCH_TILES_CPU
         self.runner = ModelRunner(loaded, self.pool, self.vision_cache, max_vision_batch_tiles=vision_batch)
@@ -311,13 +315,12 @@ class Engine:
                 self._finish(seq, "length")
 
     def _logprob(self, sampled) -> TokenLogprob:
-        decode = self.loaded.tokenizer.decode
-        return TokenLogprob(
-            token_id=sampled.token_id,
-            token=decode([sampled.token_id]),
-            logprob=sampled.logprob,
-            top=tuple((tid, decode([tid]), lp) for tid, lp in sampled.top),
-        )
+        top = tuple(self._token_logprob(tid, lp) for tid, lp in sampled.top)
+        return dataclasses.replace(self._token_logprob(sampled.token_id, sampled.logprob), top=top)
+
+    def _token_logprob(self, token_id: int, logprob: float) -> TokenLogprob:
+        data = self.vocabulary.token_bytes(token_id)
+        return TokenLogprob(token_id=token_id, token=token_string(data), logprob=logprob, token_bytes=data)
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         if reason != "stop" or not seq.detokenizer.stopped:

@@ -67,7 +67,7 @@ class Worker:
         self.config = config
         self.engine = Engine(loaded, config)
         self.loaded = loaded = self.engine.loaded  # its max_model_len may be the engine's default
-        self.processor = Processor(loaded, config, self.engine.vision_cache)
+        self.processor = Processor(loaded, config, self.engine.vision_cache, self.engine.vocabulary)
         self.info = ModelInfo(
             max_model_len=loaded.max_model_len,
             max_tiles_per_image=config.max_tiles_ceiling,  # what detail=high asks for

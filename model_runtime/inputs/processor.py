@@ -38,6 +38,7 @@ from model_runtime.loading.checkpoint import LoadedCheckpoint
 from model_runtime.loading.tokenizer import max_token_bytes, text_normalizer
 from model_runtime.request import ChatInput, ImageInput, VideoInput
 from model_runtime.sampling_params import SamplingParams
+from model_runtime.structured.tokenizer import Vocabulary
 
 _TRIM_AFTER_PIXELS = 8_000_000
 _NORMALIZE_PIECE = 1 << 16  # characters normalized at once
@@ -83,12 +84,10 @@ class _Structured:
     """The served tokenizer as llguidance sees it, and the grammar cache; built on first use (a
     150k-token vocabulary takes about a second)."""
 
-    def __init__(self, loaded: LoadedCheckpoint) -> None:
+    def __init__(self, vocabulary: Vocabulary) -> None:
         from model_runtime.structured.grammar import GrammarCompiler
-        from model_runtime.structured.tokenizer import build_ll_tokenizer
 
-        self.vocab_size = int(loaded.model.get_output_embeddings().weight.shape[0])
-        self.tokenizer = build_ll_tokenizer(loaded.tokenizer, self.vocab_size, loaded.stop_token_ids)
+        self.tokenizer = vocabulary.ll
         self.compiler = GrammarCompiler(self.tokenizer)
 
 
@@ -100,6 +99,7 @@ class Processor:
         loaded: LoadedCheckpoint,
         config: EngineConfig,
         vision_cache: VisionFeatureCache | None = None,
+        vocabulary: Vocabulary | None = None,
     ) -> None:
         self.loaded = loaded
         self.config = config
@@ -113,12 +113,13 @@ class Processor:
         self.tool_stop_ids = (loaded.tokenizer.convert_tokens_to_ids(after),) if after in added else ()
         self._structured_lock = threading.Lock()
         self.vocab_size = int(loaded.model.get_output_embeddings().weight.shape[0])
+        self.vocabulary = vocabulary or Vocabulary(loaded.tokenizer, self.vocab_size, loaded.stop_token_ids)
 
     @property
     def structured(self) -> _Structured:
         with self._structured_lock:
             if self._structured is None:
-                self._structured = _Structured(self.loaded)
+                self._structured = _Structured(self.vocabulary)
             return self._structured
 
     def _constrain(self, chat: ChatInput, params: SamplingParams) -> SamplingParams:
@@ -378,6 +379,8 @@ class Processor:
             image_token_count=prompt.image_token_count,
             cache_root=plan.salt.encode(),
         )
+        if params.logprobs:
+            self.vocabulary.warm()  # here, not on the engine thread, which reads each token's bytes
         if params.constraint is not None:
             tokenizer = self.structured.tokenizer
             for seq in request.seqs:  # each choice follows the grammar on its own

@@ -8,6 +8,7 @@ inside a JSON string, only a grammar that names them.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,6 +30,45 @@ def build_ll_tokenizer(tokenizer: Any, vocab_size: int, eos_ids: Sequence[int]) 
     # A fast (Rust) tokenizer: llguidance reads its serialized form, added tokens included.
     backend = tokenizer.backend_tokenizer
     return LLTokenizer(backend.to_str(), n_vocab=vocab_size, eos_token=eos)
+
+
+class Vocabulary:
+    """Each token id's own bytes, for grammars and logprobs alike: one LLTokenizer per served model,
+    built on first use (a 150k-token vocabulary takes about a second, so callers off the engine
+    thread call `warm()` before the engine needs it)."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int, eos_ids: Sequence[int]) -> None:
+        self._args = (tokenizer, vocab_size, tuple(eos_ids))
+        self._known = len(tokenizer)
+        self._ll: LLTokenizer | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def ll(self) -> LLTokenizer:
+        with self._lock:
+            if self._ll is None:
+                self._ll = build_ll_tokenizer(*self._args)
+            return self._ll
+
+    def warm(self) -> None:
+        self.ll  # noqa: B018 (built for its side effect)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """What the token contributes to the text: a byte-level piece may be part of a character.
+        Logit rows past the tokenizer's vocabulary (checkpoints pad the lm_head) stand for nothing."""
+        if token_id >= self._known:
+            return b""
+        return self.ll.decode_bytes([token_id])
+
+
+def token_string(data: bytes) -> str:
+    """A token as OpenAI writes it in logprobs: its text, or for bytes that are not whole UTF-8
+    characters (part of a CJK character or an emoji) `bytes:` and the bytes as \\xNN escapes; the
+    `bytes` field rebuilds the text either way."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in data)
 
 
 class _SentencePieceVocabulary:

@@ -1,0 +1,122 @@
+"""OpenAI's published OpenAPI document (the chat-completions subset, copied unchanged into data/),
+as jsonschema validators: every response, chunk and error body the tests see is checked against it.
+
+The document is OpenAPI 3.1 but marks optional nulls the 3.0 way (`nullable: true`), which plain JSON
+Schema ignores; each such schema becomes `anyOf: [itself, null]` here.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jsonschema
+
+SPEC = Path(__file__).resolve().parent / "data" / "openai-openapi" / "chat-completions-subset.json"
+
+
+def _nullable(node: Any) -> Any:
+    if isinstance(node, list):
+        return [_nullable(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    node = {key: _nullable(value) for key, value in node.items()}
+    if node.pop("nullable", False):
+        enum = node.get("enum")
+        if enum is not None and None not in enum:
+            node["enum"] = [*enum, None]
+        return {"anyOf": [node, {"type": "null"}]}
+    return node
+
+
+@functools.cache
+def _components() -> dict[str, Any]:
+    document = json.loads(SPEC.read_text())
+    return _nullable(copy.deepcopy(document["components"]))
+
+
+@functools.cache
+def validator(schema: str) -> jsonschema.Draft202012Validator:
+    return jsonschema.Draft202012Validator(
+        {"$ref": f"#/components/schemas/{schema}", "components": _components()}
+    )
+
+
+def violations(schema: str, instance: Any) -> list[str]:
+    """Where `instance` breaks OpenAI's `schema` (empty when it conforms)."""
+    return [f"{e.json_path}: {e.message[:200]}" for e in validator(schema).iter_errors(instance)]
+
+
+def assert_conforms(schema: str, instance: Any) -> None:
+    problems = violations(schema, instance)
+    assert not problems, f"{schema}: " + "; ".join(problems)
+
+
+def _sse_payloads(text: str) -> list[Any]:
+    payloads = []
+    for block in text.split("\n\n"):
+        for line in block.splitlines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                payloads.append(json.loads(line[len("data: ") :]))
+    return payloads
+
+
+def check_response(method: str, path: str, status: int, content_type: str, body: bytes) -> None:
+    """Check one HTTP answer of the OpenAI routes against the spec: errors (any route) against
+    ErrorResponse; chat completions, streamed chunk by chunk or whole; model listings."""
+    if not path.startswith("/v1/") or (method == "HEAD" and status < 400):
+        return
+    if status >= 400:
+        assert_conforms("ErrorResponse", json.loads(body))
+        return
+    if path == "/v1/chat/completions" and method == "POST":
+        if content_type.startswith("text/event-stream"):
+            for payload in _sse_payloads(body.decode()):
+                schema = "ErrorResponse" if "error" in payload else "CreateChatCompletionStreamResponse"
+                assert_conforms(schema, payload)
+        else:
+            assert_conforms("CreateChatCompletionResponse", json.loads(body))
+    elif path == "/v1/models" and method == "GET":
+        assert_conforms("ListModelsResponse", json.loads(body))
+    elif path.startswith("/v1/models/") and method == "GET":
+        assert_conforms("Model", json.loads(body))
+
+
+class SpecCheckingClient(httpx.AsyncClient):
+    """An httpx client that checks every whole answer it receives with `check_response` (streams
+    opened with `.stream()` are read by the test at its own pace and left alone)."""
+
+    async def send(self, request: httpx.Request, *, stream: bool = False, **kwargs: Any) -> httpx.Response:
+        response = await super().send(request, stream=stream, **kwargs)
+        if not stream:
+            check_response(
+                request.method,
+                request.url.path,
+                response.status_code,
+                response.headers.get("content-type", ""),
+                response.content,
+            )
+        return response
+
+
+class SpecCheckingTransport(httpx.HTTPTransport):
+    """For clients that take an httpx client (openai's): every answer is read whole and checked
+    with `check_response` before the client sees it."""
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response = super().handle_request(request)
+        body = response.read()
+        check_response(
+            request.method,
+            request.url.path,
+            response.status_code,
+            response.headers.get("content-type", ""),
+            body,
+        )
+        return httpx.Response(
+            response.status_code, headers=response.headers, content=body, extensions=response.extensions
+        )
