@@ -50,6 +50,16 @@ class EngineClient(Protocol):
         self, request_id: str, chat: ChatInput, params: SamplingParams, *, cache_salt: str = ""
     ) -> AsyncIterator[RequestOutput]: ...
 
+    async def tokenize(self, chat: ChatInput) -> list[int]:
+        """The prompt's token ids exactly as `generate` would build them (template, image and video
+        tokens, or a completions prompt as is); the same errors as `generate`'s first await."""
+        ...
+
+    async def detokenize(self, token_ids: list[int]) -> str:
+        """The text of `token_ids`, special tokens included; InvalidRequestError for an id the
+        tokenizer does not know."""
+        ...
+
     async def abort(self, request_id: str, error: Exception | None = None) -> None:
         """Stop the request; with `error`, its stream ends at once with a final output carrying it."""
         ...

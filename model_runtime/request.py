@@ -82,6 +82,9 @@ class ChatInput:
     # "none", "auto", "required", or the name of the one function the answer must call.
     tool_choice: str = "auto"
     parallel_tool_calls: bool = True
+    # Legacy completions: this text (tokenized with the tokenizer's defaults) or these token ids
+    # are the whole prompt, verbatim: no template, no media; `messages` is then empty.
+    prompt: str | tuple[int, ...] | None = None
 
     @property
     def calls_forced(self) -> bool:

@@ -14,15 +14,19 @@ from starlette.middleware.cors import CORSMiddleware
 
 from model_runtime.engine_client import EngineClient
 from server.chat import ChatService
+from server.completions import CompletionService
 from server.errors import install_error_handlers
 from server.loop_monitor import LoopLagMonitor
 from server.media import MediaFetcher
 from server.metrics import Metrics
 from server.middleware import APIKeyMiddleware, BodyLimitMiddleware, DrainMiddleware, RequestContextMiddleware
 from server.protocol import ChatCompletionRequest
+from server.protocol.completions import CompletionRequest
+from server.protocol.extensions import DetokenizeRequest, TokenizeRequest
 from server.routes import router
 from server.settings import Settings
 from server.state import ServerState
+from server.tokens import TokenService
 
 logger = logging.getLogger(__name__)
 
@@ -43,13 +47,16 @@ def create_app(
     loop_lag = LoopLagMonitor(settings.max_event_loop_lag_s)
     metrics = Metrics(names[0], engine, loop_lag)
     fetcher = fetcher or MediaFetcher(settings)
+    chat = ChatService(settings, engine, fetcher, metrics, names)
     state = ServerState(
         settings=settings,
         engine=engine,
         model_names=names,
         metrics=metrics,
         fetcher=fetcher,
-        chat=ChatService(settings, engine, fetcher, metrics, names),
+        chat=chat,
+        completions=CompletionService(settings, chat, metrics),
+        tokens=TokenService(settings, chat, fetcher),
         loop_lag=loop_lag,
     )
 
@@ -75,7 +82,9 @@ def create_app(
     app.state.server = state
     install_error_handlers(app)
     app.include_router(router)
-    _document_request_bodies(app, [ChatCompletionRequest])
+    _document_request_bodies(
+        app, [ChatCompletionRequest, CompletionRequest, TokenizeRequest, DetokenizeRequest]
+    )
     return app
 
 

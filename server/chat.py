@@ -55,6 +55,7 @@ from server.protocol import (
     VideoPart,
     VideoURL,
 )
+from server.protocol.completions import CompletionRequest
 from server.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -87,7 +88,9 @@ def video_tiles(video: VideoURL, info: ModelInfo) -> int | None:
     return None if video.max_dynamic_patch is None else min(video.max_dynamic_patch, info.max_tiles_per_image)
 
 
-def sampling_params(req: ChatCompletionRequest, settings: Settings, info: ModelInfo) -> SamplingParams:
+def sampling_params(
+    req: ChatCompletionRequest | CompletionRequest, settings: Settings, info: ModelInfo
+) -> SamplingParams:
     """Validated SamplingParams; errors name the field the client actually sent."""
     ceiling = settings.max_tokens_ceiling or info.max_model_len
     requested = req.requested_max_tokens
@@ -312,9 +315,11 @@ class ChatService:
         self._model_names = model_names
         self.inflight: set[str] = set()  # engine request ids, from generate() to the stream's close
 
-    def resolve_model(self, name: str | None) -> str:
-        if name is None:
-            return self._model_names[0]
+    @property
+    def engine(self) -> EngineClient:
+        return self._engine
+
+    def resolve_model(self, name: str) -> str:
         if name not in self._model_names:
             raise NotFoundError(
                 f"The model '{printable(name)}' does not exist.", param="model", code="model_not_found"
@@ -324,7 +329,7 @@ class ChatService:
     async def create(self, req: ChatCompletionRequest, request: Request) -> Response:
         tracker = self._metrics.track()
         try:
-            salt = self._cache_salt(req, request)
+            salt = self.cache_salt(req.cache_salt, request)
             response = await cancel_on_disconnect(request, self._create(req, tracker, salt))
         except Exception as exc:
             err = to_api_error(exc)
@@ -334,10 +339,10 @@ class ChatService:
             tracker.failed(DISCONNECTED)
         return response
 
-    def _cache_salt(self, req: ChatCompletionRequest, request: Request) -> str:
+    def cache_salt(self, salt: str | None, request: Request) -> str:
         """What keys this request's cache entries: its own cache_salt and, when caches are isolated
         by API key, the key it was authorized with (hashed again by the processor)."""
-        parts = [req.cache_salt or ""]
+        parts = [salt or ""]
         if self._settings.cache_isolation == "api_key":
             parts.append(request.headers.get("authorization", ""))
         return "\0".join(parts) if any(parts) else ""
@@ -345,10 +350,7 @@ class ChatService:
     async def _create(self, req: ChatCompletionRequest, tracker: RequestTracker, cache_salt: str) -> Response:
         check_request(req)
         model = self.resolve_model(req.model)
-        if self._engine.health != "ready":
-            raise ServiceUnavailableError(
-                "The engine is not ready; retry shortly.", code="engine_unavailable"
-            )
+        self.check_ready()
         info = self._engine.info
         params = sampling_params(req, self._settings, info)
         planned = plan_messages(req, self._settings, info)
@@ -386,6 +388,12 @@ class ChatService:
         finally:
             await release()
         return Response(completion.model_dump_json(), media_type="application/json")
+
+    def check_ready(self) -> None:
+        if self._engine.health != "ready":
+            raise ServiceUnavailableError(
+                "The engine is not ready; retry shortly.", code="engine_unavailable"
+            )
 
     async def cut_all(self, error: Exception) -> int:
         """End every request in flight with `error` (the drain deadline); returns how many."""

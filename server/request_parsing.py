@@ -20,6 +20,7 @@ from pydantic import BaseModel, ValidationError
 
 from model_runtime.sampling_params import MAX_LOGIT_BIAS, MAX_STOP_CHARS, MAX_STOP_STRINGS
 from server.errors import BadRequestError, from_validation_errors
+from server.protocol.completions import MAX_PROMPTS
 
 LARGE_BODY_BYTES = 256 * 1024
 Model = TypeVar("Model", bound=BaseModel)
@@ -48,6 +49,9 @@ def _text_bytes(messages: list[Any]) -> int:
                 text = part.get("text") if isinstance(part, dict) else None
                 if isinstance(text, str):
                     total += len(text.encode("utf-8", "surrogatepass"))
+        output = message.get("output") if isinstance(message, dict) else None  # a tool's result
+        if isinstance(output, str):
+            total += len(output.encode("utf-8", "surrogatepass"))
     return total
 
 
@@ -55,11 +59,51 @@ def _too_many(what: str, count: int, limit: int, param: str, code: str) -> BadRe
     return BadRequestError(f"Too many {what}: {count}; at most {limit} per request.", param=param, code=code)
 
 
+def _check_text(text: int, limits: BodyLimits, param: str) -> None:
+    if text > limits.max_text_bytes:
+        raise BadRequestError(
+            f"The request holds {text} bytes of text; at most {limits.max_text_bytes} per request.",
+            param=param,
+            code="text_too_long",
+        )
+
+
+def _check_prompt(prompt: Any, limits: BodyLimits) -> None:
+    """Legacy completions' prompt: a text, texts, token ids or lists of them."""
+    if isinstance(prompt, str):
+        _check_text(len(prompt.encode("utf-8", "surrogatepass")), limits, "prompt")
+        return
+    if not isinstance(prompt, list):
+        return
+    if prompt and not all(isinstance(p, int) for p in prompt) and len(prompt) > MAX_PROMPTS:
+        raise _too_many("prompts", len(prompt), MAX_PROMPTS, "prompt", "too_many_prompts")
+    size = 0
+    for item in prompt:
+        if isinstance(item, str):
+            size += len(item.encode("utf-8", "surrogatepass"))
+        elif isinstance(item, list):
+            size += len(item)  # a token id stands for at least a byte of text
+        else:
+            size += 1
+    _check_text(size, limits, "prompt")
+
+
 def check_counts(data: Any, limits: BodyLimits) -> None:
-    """The count limits on the raw JSON of a chat request (before any model is built)."""
+    """The count limits on the raw JSON of a chat, completions or responses request (before any
+    model is built): the Responses API's `input` items count as messages."""
     if not isinstance(data, dict):
         return  # the model validation says what is wrong with it
+    if "prompt" in data:
+        _check_prompt(data["prompt"], limits)
+    text_fields = [data.get(key) for key in ("input", "instructions")]
+    _check_text(
+        sum(len(t.encode("utf-8", "surrogatepass")) for t in text_fields if isinstance(t, str)),
+        limits,
+        "input",
+    )
     messages = data.get("messages")
+    if messages is None and isinstance(data.get("input"), list):
+        messages = data["input"]
     if isinstance(messages, list):
         if len(messages) > limits.max_messages:
             raise _too_many("messages", len(messages), limits.max_messages, "messages", "too_many_messages")
@@ -70,13 +114,7 @@ def check_counts(data: Any, limits: BodyLimits) -> None:
             raise _too_many(
                 "content parts", parts, limits.max_content_parts, "messages", "too_many_content_parts"
             )
-        text = _text_bytes(messages)
-        if text > limits.max_text_bytes:
-            raise BadRequestError(
-                f"The messages hold {text} bytes of text; at most {limits.max_text_bytes} per request.",
-                param="messages",
-                code="text_too_long",
-            )
+        _check_text(_text_bytes(messages), limits, "messages" if "messages" in data else "input")
     tools = data.get("tools")
     if isinstance(tools, list) and len(tools) > limits.max_tools:
         raise _too_many("tools", len(tools), limits.max_tools, "tools", "too_many_tools")

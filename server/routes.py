@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+from importlib.metadata import version as package_version
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 
 from server.protocol import ChatCompletion, ChatCompletionRequest, ErrorResponse, ModelCard, ModelList
+from server.protocol.completions import Completion, CompletionRequest
+from server.protocol.extensions import (
+    DetokenizeRequest,
+    DetokenizeResponse,
+    TokenizeRequest,
+    TokenizeResponse,
+    VersionResponse,
+)
 from server.request_parsing import parse_request
 from server.state import ServerState
 
@@ -39,6 +49,38 @@ async def create_chat_completion(request: Request) -> Response:
     state = _state(request)
     body = await parse_request(await request.body(), ChatCompletionRequest, state.body_limits)
     return await state.chat.create(body, request)
+
+
+@router.post(
+    "/v1/completions",
+    response_model=Completion,
+    responses={**_ERRORS, 200: {"content": {"text/event-stream": {}}}},
+    openapi_extra=_json_body(CompletionRequest),
+)
+async def create_completion(request: Request) -> Response:
+    state = _state(request)
+    body = await parse_request(await request.body(), CompletionRequest, state.body_limits)
+    return await state.completions.create(body, request)
+
+
+@router.post("/tokenize", responses=_ERRORS, openapi_extra=_json_body(TokenizeRequest))
+async def tokenize(request: Request) -> TokenizeResponse:
+    state = _state(request)
+    body = await parse_request(await request.body(), TokenizeRequest, state.body_limits)
+    return await state.tokens.tokenize(body)
+
+
+@router.post("/detokenize", responses=_ERRORS, openapi_extra=_json_body(DetokenizeRequest))
+async def detokenize(request: Request) -> DetokenizeResponse:
+    state = _state(request)
+    body = await parse_request(await request.body(), DetokenizeRequest, state.body_limits)
+    return await state.tokens.detokenize(body)
+
+
+@router.get("/version")
+@router.head("/version", include_in_schema=False)
+async def version() -> VersionResponse:
+    return VersionResponse(version=package_version("internvl-serve"))
 
 
 @router.get("/v1/models", responses=_ERRORS)

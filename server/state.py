@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from model_runtime.engine_client import EngineClient
 from server.chat import ChatService
+from server.completions import CompletionService
 from server.errors import NotFoundError, printable
 from server.loop_monitor import LoopLagMonitor
 from server.media import MediaFetcher
@@ -14,6 +15,7 @@ from server.metrics import Metrics
 from server.protocol import ModelCard, ModelList
 from server.request_parsing import BodyLimits
 from server.settings import Settings
+from server.tokens import TokenService
 
 
 @dataclass
@@ -26,6 +28,8 @@ class ServerState:
     metrics: Metrics
     fetcher: MediaFetcher
     chat: ChatService
+    completions: CompletionService
+    tokens: TokenService
     loop_lag: LoopLagMonitor
     created: int = field(default_factory=lambda: int(time.time()))
     draining: bool = False
@@ -55,7 +59,12 @@ class ServerState:
             raise NotFoundError(
                 f"The model '{printable(name)}' does not exist.", param="model", code="model_not_found"
             )
-        return ModelCard(id=name, created=self.created, max_model_len=self.engine.info.max_model_len)
+        return ModelCard(
+            id=name,
+            created=self.created,
+            root=self.settings.model or name,
+            max_model_len=self.engine.info.max_model_len,
+        )
 
     def model_list(self) -> ModelList:
         return ModelList(data=[self.model_card(name) for name in self.model_names])

@@ -39,6 +39,8 @@ SECRET_DETAIL = "boom at /srv/models/secret.py object at 0x7f00deadbeef"
 def answer_tokens(chat: ChatInput, index: int, n: int) -> list[str]:
     """The answer of choice `index`: 'echo: <last user text>' (choice-numbered when n > 1), by word."""
     user_texts = [p for m in chat.messages if m.role == "user" for p in m.parts if isinstance(p, str)]
+    if chat.prompt is not None:  # legacy completions: the prompt, or its ids as words
+        user_texts = [chat.prompt if isinstance(chat.prompt, str) else " ".join(f"t{t}" for t in chat.prompt)]
     words = [f"echo{index}:" if n > 1 else "echo:", *(" ".join(user_texts[-1:]).split() or ["(nothing)"])]
     return [w if i == 0 else f" {w}" for i, w in enumerate(words)]
 
@@ -103,6 +105,20 @@ class FakeEngine:
         self.cache_salts.append(cache_salt)
         return self._generate(request_id, chat, params)
 
+    async def tokenize(self, chat: ChatInput) -> list[int]:
+        """Words as ids (their lengths), image tokens as 0s."""
+        if self.error is not None:
+            raise self.error
+        if isinstance(chat.prompt, tuple):
+            return list(chat.prompt)
+        words = (chat.prompt or "").split() + [
+            w for m in chat.messages for p in m.parts if isinstance(p, str) for w in p.split()
+        ]
+        return [len(w) for w in words] + [0] * image_token_count(chat)
+
+    async def detokenize(self, token_ids: list[int]) -> str:
+        return " ".join(f"t{t}" for t in token_ids)
+
     async def abort(self, request_id: str, error: Exception | None = None) -> None:
         self.aborted.append(request_id)
         if error is not None:
@@ -119,6 +135,8 @@ class FakeEngine:
             raise EngineDeadError("the engine failed")
         image_tokens = image_token_count(chat)
         text_tokens = sum(len(p.split()) for m in chat.messages for p in m.parts if isinstance(p, str))
+        if chat.prompt is not None:
+            text_tokens = len(chat.prompt.split()) if isinstance(chat.prompt, str) else len(chat.prompt)
         prompt_tokens = text_tokens + image_tokens
         choices = [_Choice(answer_tokens(chat, i, params.n)) for i in range(params.n)]
         completion_tokens = 0

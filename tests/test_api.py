@@ -14,7 +14,6 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +29,10 @@ from server.cli import watch_engine
 from server.log import RequestIdFilter
 from server.media import MediaFetcher
 from server.settings import Settings
+from tests.app_client import MODEL, client, make_app
 from tests.fakes import FAKE_INFO, IMAGE_TOKENS_PER_TILE, SECRET_DETAIL, FakeEngine, parse_sse
-from tests.openapi_spec import SpecCheckingClient, assert_conforms
+from tests.openapi_spec import assert_conforms
 
-MODEL = "fake-model"
 PNG = "data:image/png;base64," + base64.b64encode(b"\x89PNG fake image bytes").decode()
 MP4 = "data:video/mp4;base64," + base64.b64encode(b"fake video bytes").decode()
 JSON = {"content-type": "application/json"}
@@ -42,21 +41,6 @@ JSON = {"content-type": "application/json"}
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-def make_app(
-    engine: FakeEngine | None = None, fetcher: MediaFetcher | None = None, **overrides: Any
-) -> FastAPI:
-    settings = Settings(served_model_name=[MODEL, "org/alias"], **overrides)
-    return create_app(settings, engine or FakeEngine(), fetcher=fetcher)
-
-
-@asynccontextmanager
-async def client(app: FastAPI, **headers: str) -> AsyncIterator[httpx.AsyncClient]:
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with SpecCheckingClient(transport=transport, base_url="http://test", headers=headers) as c:
-            yield c
 
 
 def chat(text: str = "hello world", **fields: Any) -> dict[str, Any]:

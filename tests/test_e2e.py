@@ -444,3 +444,50 @@ def test_api_key_required_on_models_and_completions(servers: SharedServers) -> N
         bad.models.list()
     with openai.OpenAI(base_url=f"{keyed.base_url}/v1", api_key=API_KEY, max_retries=0) as good_client:
         assert good_client.models.list().data
+
+
+# -- legacy completions, tokenizer endpoints -----------------------------------------------------
+
+
+def test_completions_create_text_ids_stream_and_logprobs(
+    client: openai.OpenAI, server: ServerProcess
+) -> None:
+    text = client.completions.create(
+        model=MODEL_NAME, prompt="The capital of France is", max_tokens=5, temperature=0, logprobs=2
+    )
+    (choice,) = text.choices
+    assert text.object == "text_completion" and choice.finish_reason in ("stop", "length")
+    assert len(choice.logprobs.tokens) == text.usage.completion_tokens
+    assert all(len(top) <= 3 for top in choice.logprobs.top_logprobs)
+    with httpx.Client(base_url=server.base_url, timeout=30, trust_env=False) as c:
+        ids = c.post("/tokenize", json={"prompt": "The capital of France is"}).json()["tokens"]
+        assert (
+            c.post("/detokenize", json={"tokens": ids}).json()["prompt"].endswith("The capital of France is")
+        )
+    assert len(ids) == text.usage.prompt_tokens
+    same = client.completions.create(model=MODEL_NAME, prompt=ids, max_tokens=5, temperature=0)
+    assert same.choices[0].text == choice.text  # the ids are the text's own tokens
+    options = {"stream_options": {"include_usage": True}, "echo": True}
+    stream = client.completions.create(
+        model=MODEL_NAME, prompt=["a", "b"], max_tokens=4, temperature=0, stream=True, **options
+    )
+    texts: dict[int, str] = {}
+    usage = None
+    for chunk in stream:
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + c.text
+        usage = chunk.usage or usage
+    assert texts[0].startswith("a") and texts[1].startswith("b")
+    assert usage is not None and usage.completion_tokens <= 8
+
+
+def test_tokenize_counts_a_chat_as_generation_does(client: openai.OpenAI, server: ServerProcess) -> None:
+    messages = [user(image(SQUARE_PNG), "What is in the picture?")]
+    with httpx.Client(base_url=server.base_url, timeout=30, trust_env=False) as c:
+        counted = c.post("/tokenize", json={"model": MODEL_NAME, "messages": messages}).json()
+        card = c.get(f"/v1/models/{MODEL_NAME}").json()
+        version = c.get("/version").json()
+    answer = chat(client, *messages, max_tokens=1)
+    assert counted["count"] == answer.usage.prompt_tokens == len(counted["tokens"])
+    assert counted["max_model_len"] == MAX_MODEL_LEN
+    assert card["root"] == str(server.model) and version["version"]

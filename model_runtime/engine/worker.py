@@ -19,6 +19,7 @@ import itertools
 import logging
 import queue
 import threading
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from model_runtime.config import EngineConfig
 from model_runtime.engine.engine import Engine
 from model_runtime.engine.sequence import Request
 from model_runtime.engine_client import HealthState, ModelInfo
-from model_runtime.errors import EngineDeadError, detached, release_frames
+from model_runtime.errors import EngineDeadError, InvalidRequestError, detached, release_frames
 from model_runtime.inputs import resize
 from model_runtime.inputs.heap import trim_heap
 from model_runtime.inputs.lanes import FairExecutor
@@ -306,6 +307,28 @@ class Worker:
             del self._streams[request_id]
             if not finished:
                 self._commands.put(("abort", request_id, None))
+
+    async def tokenize(self, chat: ChatInput) -> list[int]:
+        if self._state == "dead":
+            raise EngineDeadError("the engine is not serving; retry later")
+        request_id = f"tokenize-{uuid.uuid4().hex}"
+        try:
+            request = await self._prepare(request_id, chat, SamplingParams(max_tokens=1), "")
+        except BaseException as exc:
+            release_frames(exc)
+            raise
+        ids = list(request.prompt_ids)
+        request.release()
+        return ids
+
+    async def detokenize(self, token_ids: list[int]) -> str:
+        known = len(self.loaded.tokenizer)
+        bad = next((t for t in token_ids if not 0 <= t < known), None)
+        if bad is not None:
+            raise InvalidRequestError(
+                f"token id {bad} is not in the vocabulary (0 to {known - 1})", param="tokens"
+            )
+        return str(self.loaded.tokenizer.decode(token_ids))
 
     async def abort(self, request_id: str, error: Exception | None = None) -> None:
         """Stop generating for the request; with `error`, its stream ends with a final output

@@ -30,7 +30,7 @@ from model_runtime.engine.vision_cache import VisionFeatureCache
 from model_runtime.errors import InvalidRequestError, PromptTooLongError, RuntimeErrorBase
 from model_runtime.inputs.heap import trim_heap
 from model_runtime.inputs.image import load_image, probe_image
-from model_runtime.inputs.prompt import build_prompt
+from model_runtime.inputs.prompt import PromptSpec, build_prompt, tokenize_prompt
 from model_runtime.inputs.tiling import choose_grid
 from model_runtime.inputs.tools import format_for
 from model_runtime.inputs.video import load_video, probe_video, video_tiles_per_frame
@@ -252,6 +252,16 @@ class Processor:
         texts = [p for m in chat.messages for p in m.parts if isinstance(p, str)]
         limit = self.loaded.max_model_len
         wanted = params.max_tokens or 1
+        if isinstance(chat.prompt, tuple):
+            if len(chat.prompt) + wanted > limit:
+                raise PromptTooLongError(
+                    f"the prompt has {len(chat.prompt)} tokens; with max_tokens {wanted} that exceeds "
+                    f"max_model_len {limit}",
+                    param="prompt",
+                )
+            return
+        if chat.prompt is not None:
+            texts.append(chat.prompt)
 
         def fits(text_bytes: int) -> bool:
             return image_tokens + text_bytes // self.max_token_bytes + wanted <= limit
@@ -289,7 +299,7 @@ class Processor:
 
     def plan(self, chat: ChatInput, params: SamplingParams, cache_salt: str = "") -> Plan:
         """Steps 1 and 2: read every medium's header and check the token lower bound; cheap."""
-        if not chat.messages:
+        if not chat.messages and chat.prompt is None:
             raise InvalidRequestError("messages must contain at least one message", param="messages")
         salt = f"{hashlib.blake2b(cache_salt.encode(), digest_size=8).hexdigest()}:" if cache_salt else ""
         params = self._constrain(chat, params)
@@ -350,17 +360,21 @@ class Processor:
         loaded, params = self.loaded, plan.params
         slots = [slot for group in decoded for slot in group]
         chat = plan.chat
-        prompt = build_prompt(
-            loaded.template,
-            chat.messages,
-            [[slot.num_tiles for slot in group] for group in decoded],
-            loaded.tokenizer,
-            tokens_per_tile=loaded.tokens_per_tile,
-            image_context_id=loaded.image_context_id,
-            image_start_id=loaded.image_start_id,
-            image_end_id=loaded.image_end_id,
-            tools=chat.tools if chat.tool_choice != "none" else (),
-            tool_format=self.tool_format,
+        prompt = (
+            self._completion_prompt(chat.prompt)
+            if chat.prompt is not None
+            else build_prompt(
+                loaded.template,
+                chat.messages,
+                [[slot.num_tiles for slot in group] for group in decoded],
+                loaded.tokenizer,
+                tokens_per_tile=loaded.tokens_per_tile,
+                image_context_id=loaded.image_context_id,
+                image_start_id=loaded.image_start_id,
+                image_end_id=loaded.image_end_id,
+                tools=chat.tools if chat.tool_choice != "none" else (),
+                tool_format=self.tool_format,
+            )
         )
         for slot, (start, count) in zip(slots, prompt.image_spans, strict=True):
             slot.start, slot.num_tokens = start, count
@@ -391,6 +405,36 @@ class Processor:
                         param="response_format",
                     )
         return request
+
+    def _completion_prompt(self, prompt: str | tuple[int, ...]) -> PromptSpec:
+        """A legacy-completions prompt as it is: text tokenized with the tokenizer's defaults (a BOS
+        where the tokenizer adds one, as vLLM does), or the client's token ids. Image marker ids
+        would point the runner at features that do not exist: refused either way."""
+        loaded = self.loaded
+        markers = {loaded.image_start_id: 0, loaded.image_end_id: 0}
+        if isinstance(prompt, str):
+            ids = tokenize_prompt(
+                loaded.tokenizer,
+                prompt,
+                image_context_id=loaded.image_context_id,
+                expected_image_tokens=0,
+                marker_counts=markers,
+            )
+        else:
+            ids = list(prompt)
+            bad = next(
+                (t for t in ids if t >= self.vocab_size or t in markers or t == loaded.image_context_id), None
+            )
+            if bad is not None:
+                raise InvalidRequestError(
+                    f"prompt token {bad} is not a text token of this model (the vocabulary has "
+                    f"{self.vocab_size} ids; image marker ids are not allowed)",
+                    param="prompt",
+                )
+        if not ids:
+            raise InvalidRequestError("the prompt must have at least one token", param="prompt")
+        text = prompt if isinstance(prompt, str) else ""
+        return PromptSpec(text=text, input_ids=tuple(ids), image_token_count=0, slot_tiles=(), image_spans=())
 
     def process(
         self, request_id: str, chat: ChatInput, params: SamplingParams, *, cache_salt: str = ""

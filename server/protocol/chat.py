@@ -465,7 +465,8 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "internvl-serve"
-    # --- extension ---
+    # --- extensions (vLLM's names) ---
+    root: str  # the checkpoint this id serves: a directory or hub id, as given to --model
     max_model_len: int
 
 

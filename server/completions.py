@@ -1,0 +1,339 @@
+"""Legacy completions (POST /v1/completions): each prompt of the list is one engine request, run
+on the same engine, sampling and limits as chat; their choices are numbered prompt * n + choice.
+
+What the engine does not do is refused by name rather than ignored: `suffix` (no fill-in-the-
+middle), `best_of` above `n` (no server-side ranking), and `echo` together with `logprobs` (the
+engine reports log-probabilities of generated tokens only, not of the prompt's).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from model_runtime.errors import RuntimeErrorBase
+from model_runtime.request import ChatInput, RequestOutput
+from model_runtime.request import TokenLogprob as EngineTokenLogprob
+from model_runtime.sampling_params import SamplingParams
+from server.chat import (
+    CLIENT_CLOSED_REQUEST,
+    DISCONNECTED,
+    ChatService,
+    EngineStreamResponse,
+    cancel_on_disconnect,
+    close_quietly,
+    from_first,
+    sampling_params,
+)
+from server.chat_output import ChunkWriter, to_finish_reason, to_usage
+from server.errors import APIError, BadRequestError, to_api_error
+from server.metrics import Metrics, RequestTracker
+from server.protocol.chat import Usage
+from server.protocol.completions import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest
+from server.settings import Settings
+
+MAX_LOGPROBS = 5  # OpenAI's limit for completions
+
+
+def check_request(req: CompletionRequest) -> None:
+    """Fields OpenAI defines that this server cannot honour, and OpenAI's own cross-field rules."""
+    if req.suffix:
+        raise BadRequestError(
+            "'suffix' is not supported: InternVL models are not trained to fill in the middle. Send the "
+            "text before the gap as 'prompt' without 'suffix'.",
+            param="suffix",
+            code="unsupported_parameter",
+        )
+    n = 1 if req.n is None else req.n
+    if req.best_of is not None and req.best_of != n:
+        raise BadRequestError(
+            f"'best_of' must equal 'n' ({n}) here: this server returns every completion it generates "
+            "and does not rank them. Leave 'best_of' out, or set 'n' to the number you want.",
+            param="best_of",
+            code="unsupported_parameter",
+        )
+    if req.echo and req.logprobs is not None:
+        raise BadRequestError(
+            "'echo' with 'logprobs' is not supported: log-probabilities are computed for generated "
+            "tokens only, not for the prompt's. Send one of them.",
+            param="echo",
+            code="unsupported_parameter",
+        )
+    if req.logprobs is not None and not 0 <= req.logprobs <= MAX_LOGPROBS:
+        raise BadRequestError(
+            f"Invalid 'logprobs': expected a value from 0 to {MAX_LOGPROBS}, but got {req.logprobs} instead.",
+            param="logprobs",
+            code="integer_above_max_value" if req.logprobs > MAX_LOGPROBS else "integer_below_min_value",
+        )
+    if req.stream_options is not None and not req.stream:
+        raise BadRequestError(
+            "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+            param="stream_options",
+            code="invalid_value",
+        )
+    if req.max_tokens == 0:
+        raise BadRequestError(
+            "Invalid 'max_tokens': integer below minimum value. Expected a value >= 1, but got 0 instead.",
+            param="max_tokens",
+            code="integer_below_min_value",
+        )
+    if isinstance(req.prompt, list) and not req.prompt:
+        raise BadRequestError(
+            "Invalid 'prompt': empty array. Expected an array with minimum length 1, but got an empty "
+            "array instead.",
+            param="prompt",
+            code="empty_array",
+        )
+
+
+def as_prompt_error(exc: BaseException) -> BaseException:
+    """The engine names `messages` where a chat would have them; here that is the prompt."""
+    if isinstance(exc, RuntimeErrorBase | APIError) and (exc.param or "").startswith("messages"):
+        exc.param = "prompt"
+    return exc
+
+
+def to_completion_logprobs(items: list[EngineTokenLogprob], offset: int) -> CompletionLogprobs:
+    """The legacy column layout; `text_offset` counts characters from the start of the choice's
+    text (after the echoed prompt, if any), as OpenAI does."""
+    out = CompletionLogprobs()
+    for item in items:
+        out.text_offset.append(offset)
+        out.tokens.append(item.token)
+        out.token_logprobs.append(item.logprob)
+        out.top_logprobs.append({top.token: top.logprob for top in item.top})
+        offset += len(item.token_bytes.decode("utf-8", errors="ignore"))
+    return out
+
+
+class _Prompt:
+    """One prompt's engine stream, its tracker and what its choices have produced so far."""
+
+    def __init__(self, index: int, n: int, echo: str, outputs: AsyncIterator[RequestOutput],
+                 tracker: RequestTracker) -> None:  # fmt: skip
+        self.index = index
+        self.n = n
+        self.echo = echo
+        self.outputs = outputs
+        self.tracker = tracker
+        self.texts = [[echo] if echo else [] for _ in range(n)]
+        self.offsets = [len(echo)] * n
+        self.logprobs: list[list[EngineTokenLogprob] | None] = [None] * n
+        self.reasons: list[str | None] = [None] * n
+        self.last: RequestOutput | None = None
+
+    def choice_index(self, i: int) -> int:
+        return self.index * self.n + i
+
+    def add(self, out: RequestOutput) -> list[CompletionChoice]:
+        """Record one engine output; returns its deltas as stream choices."""
+        if out.error is not None:
+            raise out.error
+        self.tracker.on_output(out)
+        self.last = out
+        choices = []
+        for delta in out.deltas:
+            i = delta.index
+            self.texts[i].append(delta.text)
+            logprobs = None
+            if delta.logprobs is not None:
+                logprobs = to_completion_logprobs(delta.logprobs, self.offsets[i])
+                self.logprobs[i] = [*(self.logprobs[i] or []), *delta.logprobs]
+            self.offsets[i] += len(delta.text)
+            reason = None
+            if delta.finish_reason is not None:
+                reason = self.reasons[i] = to_finish_reason(delta.finish_reason)
+            if delta.text or logprobs is not None or reason is not None:
+                choices.append(
+                    CompletionChoice(
+                        index=self.choice_index(i), text=delta.text, logprobs=logprobs, finish_reason=reason
+                    )
+                )
+        if out.finished:
+            self.tracker.finished(out, [r or "stop" for r in self.reasons])
+        return choices
+
+    def choices(self) -> list[CompletionChoice]:
+        """The whole choices, for a response that is not streamed."""
+        return [
+            CompletionChoice(
+                index=self.choice_index(i),
+                text="".join(self.texts[i]),
+                logprobs=None
+                if self.logprobs[i] is None
+                else to_completion_logprobs(self.logprobs[i] or [], len(self.echo)),
+                finish_reason=self.reasons[i] or "stop",  # type: ignore[arg-type]
+            )
+            for i in range(self.n)
+        ]
+
+
+def total_usage(prompts: list[_Prompt]) -> Usage:
+    usages = [to_usage(p.last) for p in prompts if p.last is not None]
+    prompt = sum(u.prompt_tokens for u in usages)
+    completion = sum(u.completion_tokens for u in usages)
+    details = usages[0].prompt_tokens_details if usages else None
+    if details is not None:
+        details = details.model_copy(
+            update={
+                "cached_tokens": sum(
+                    u.prompt_tokens_details.cached_tokens for u in usages if u.prompt_tokens_details
+                )
+            }
+        )
+    return Usage(
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=prompt + completion,
+        prompt_tokens_details=details,
+    )
+
+
+class CompletionService:
+    """Serves POST /v1/completions; model names, cache salts and the drain's bookkeeping are the
+    chat service's."""
+
+    def __init__(self, settings: Settings, chat: ChatService, metrics: Metrics) -> None:
+        self._settings = settings
+        self._chat = chat
+        self._engine = chat.engine
+        self._metrics = metrics
+
+    async def create(self, req: CompletionRequest, request: Request) -> Response:
+        try:
+            salt = self._chat.cache_salt(req.cache_salt, request)
+            response = await cancel_on_disconnect(request, self._create(req, salt))
+        except Exception as exc:
+            err = to_api_error(as_prompt_error(exc))
+            self._metrics.track().failed(err.code or err.error_type)
+            raise err from None
+        if response.status_code == CLIENT_CLOSED_REQUEST:
+            self._metrics.track().failed(DISCONNECTED)
+        return response
+
+    async def _create(self, req: CompletionRequest, cache_salt: str) -> Response:
+        check_request(req)
+        model = self._chat.resolve_model(req.model)
+        self._chat.check_ready()
+        params: SamplingParams = sampling_params(req, self._settings, self._engine.info)
+        texts = req.prompts
+        response_id = f"cmpl-{uuid.uuid4().hex}"
+        prompts: list[_Prompt] = []
+        firsts: list[RequestOutput] = []
+        try:
+            for index, prompt in enumerate(texts):
+                request_id = f"{response_id}-{index}"
+                outputs = self._engine.generate(
+                    request_id, ChatInput(messages=(), prompt=prompt), params, cache_salt=cache_salt
+                )
+                self._chat.inflight.add(request_id)
+                echo = ""
+                if req.echo:
+                    echo = prompt if isinstance(prompt, str) else await self._engine.detokenize(list(prompt))
+                prompts.append(_Prompt(index, params.n, echo, outputs, self._metrics.track()))
+            # The first output is where the engine refuses a request: before any header goes out.
+            firsts = list(await asyncio.gather(*(anext(p.outputs) for p in prompts)))
+        except BaseException:
+            await self._release(response_id, prompts)
+            raise
+        writer = ChunkWriter(response_id, int(time.time()), model)
+        if req.stream:
+            events = self._stream(writer, prompts, firsts, req.include_usage, bool(req.echo))
+            return EngineStreamResponse(
+                events,
+                on_close=lambda: self._release(response_id, prompts),
+                send_timeout_s=self._settings.stream_send_timeout_s,
+                on_send_timeout=self._metrics.slow_client,
+            )
+        try:
+            for prompt, first in zip(prompts, firsts, strict=True):
+                async for out in from_first(first, prompt.outputs):
+                    prompt.add(out)
+        except BaseException as exc:
+            code = DISCONNECTED if isinstance(exc, asyncio.CancelledError) else None
+            for prompt in prompts:
+                prompt.tracker.failed(code or to_api_error(exc).code or "internal_error")
+            raise
+        finally:
+            await self._release(response_id, prompts)
+        completion = Completion(
+            id=response_id,
+            created=writer.created,
+            model=model,
+            choices=[c for p in prompts for c in p.choices()],
+            usage=total_usage(prompts),
+        )
+        return Response(completion.model_dump_json(), media_type="application/json")
+
+    async def _release(self, response_id: str, prompts: list[_Prompt]) -> None:
+        for prompt in prompts:
+            self._chat.inflight.discard(f"{response_id}-{prompt.index}")
+            await close_quietly(prompt.outputs)
+
+    async def _stream(
+        self, writer: ChunkWriter, prompts: list[_Prompt], firsts: list[RequestOutput], include_usage: bool,
+        echo: bool,
+    ) -> AsyncIterator[str]:  # fmt: skip
+        """Chunks of every prompt's choices as they come (interleaved), usage, [DONE]; a failure
+        after the headers went out becomes an error event, then [DONE]."""
+
+        def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> str:
+            body = Completion(
+                id=writer.response_id,
+                created=writer.created,
+                model=writer.model,
+                choices=choices,
+                usage=usage,
+            )
+            return f"data: {body.model_dump_json(exclude=None if usage else {'usage'})}\n\n"
+
+        queue: asyncio.Queue[tuple[_Prompt, RequestOutput | BaseException | None]] = asyncio.Queue()
+
+        async def pump(prompt: _Prompt, first: RequestOutput) -> None:
+            try:
+                async for out in from_first(first, prompt.outputs):
+                    await queue.put((prompt, out))
+            except Exception as exc:
+                await queue.put((prompt, exc))
+            await queue.put((prompt, None))
+
+        tasks = [asyncio.ensure_future(pump(p, f)) for p, f in zip(prompts, firsts, strict=True)]
+        try:
+            if echo:
+                for prompt in prompts:
+                    yield chunk(
+                        [CompletionChoice(index=prompt.choice_index(i), text=prompt.echo, finish_reason=None)
+                         for i in range(prompt.n)]
+                    )  # fmt: skip
+            running = len(prompts)
+            while running:
+                prompt, item = await queue.get()
+                if item is None:
+                    running -= 1
+                    continue
+                if isinstance(item, BaseException):
+                    raise item
+                choices = prompt.add(item)
+                if choices:
+                    yield chunk(choices)
+            if include_usage:
+                yield chunk([], total_usage(prompts))
+        except Exception as exc:
+            err = to_api_error(as_prompt_error(exc))
+            for prompt in prompts:
+                prompt.tracker.failed(err.code or err.error_type)
+            yield ChunkWriter.error(err)
+        except (asyncio.CancelledError, GeneratorExit):
+            for prompt in prompts:
+                prompt.tracker.failed(DISCONNECTED)
+            raise
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        yield ChunkWriter.done()

@@ -1,0 +1,163 @@
+"""POST /v1/completions, /tokenize, /detokenize, /version and Model.root against a FakeEngine; every
+answer is checked against OpenAI's spec by the client (tests/app_client.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tests.app_client import MODEL, client, make_app
+from tests.fakes import FakeEngine, parse_sse
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def body(prompt: Any = "say hello", **fields: Any) -> dict[str, Any]:
+    return {"model": MODEL, "prompt": prompt, **fields}
+
+
+@pytest.mark.anyio
+async def test_completion_uses_the_prompt_verbatim() -> None:
+    engine = FakeEngine()
+    async with client(make_app(engine)) as c:
+        r = await c.post("/v1/completions", json=body("say hello"))
+    assert r.status_code == 200, r.text
+    answer = r.json()
+    assert answer["object"] == "text_completion" and answer["id"].startswith("cmpl-")
+    assert answer["choices"] == [
+        {"index": 0, "text": "echo: say hello", "logprobs": None, "finish_reason": "stop"}
+    ]
+    assert answer["usage"]["prompt_tokens"] == 2 and answer["usage"]["completion_tokens"] == 3
+    (_, chat, params) = engine.calls[0]
+    assert chat.prompt == "say hello" and chat.messages == ()
+    assert params.max_tokens == 16  # OpenAI's default for completions
+
+
+@pytest.mark.anyio
+async def test_prompts_lists_and_token_ids_number_choices_prompt_by_prompt() -> None:
+    engine = FakeEngine()
+    async with client(make_app(engine)) as c:
+        texts = (await c.post("/v1/completions", json=body(["a b", "c"], n=2))).json()
+        ids = (await c.post("/v1/completions", json=body([5, 6, 7]))).json()
+        id_lists = (await c.post("/v1/completions", json=body([[5], [6, 7]]))).json()
+    assert [(ch["index"], ch["text"]) for ch in texts["choices"]] == [
+        (0, "echo0: a b"),
+        (1, "echo1: a b"),
+        (2, "echo0: c"),
+        (3, "echo1: c"),
+    ]
+    assert texts["usage"]["prompt_tokens"] == 3 and texts["usage"]["completion_tokens"] == 3 * 2 + 2 * 2
+    assert ids["choices"][0]["text"] == "echo: t5 t6 t7" and ids["usage"]["prompt_tokens"] == 3
+    assert [ch["text"] for ch in id_lists["choices"]] == ["echo: t5", "echo: t6 t7"]
+    prompts = [chat.prompt for _, chat, _ in engine.calls]
+    assert prompts == ["a b", "c", (5, 6, 7), (5,), (6, 7)]
+
+
+@pytest.mark.anyio
+async def test_echo_prepends_the_prompt() -> None:
+    async with client(make_app()) as c:
+        text = (await c.post("/v1/completions", json=body("hi there", echo=True))).json()
+        ids = (await c.post("/v1/completions", json=body([3, 4], echo=True))).json()
+    assert text["choices"][0]["text"] == "hi thereecho: hi there"
+    assert ids["choices"][0]["text"] == "t3 t4echo: t3 t4"  # the ids, detokenized
+
+
+@pytest.mark.anyio
+async def test_logprobs_in_the_legacy_layout() -> None:
+    async with client(make_app()) as c:
+        answer = (await c.post("/v1/completions", json=body("a b", logprobs=2))).json()
+    logprobs = answer["choices"][0]["logprobs"]
+    assert logprobs["tokens"] == ["echo:", " a", " b"]
+    assert logprobs["token_logprobs"] == [-0.5, -0.5, -0.5]
+    assert logprobs["text_offset"] == [0, 5, 7]
+    assert logprobs["top_logprobs"] == [{"alt0": -1.0, "alt1": -2.0}] * 3
+
+
+@pytest.mark.anyio
+async def test_streaming_with_usage() -> None:
+    async with client(make_app()) as c:
+        r = await c.post(
+            "/v1/completions",
+            json=body(["x", "y z"], stream=True, stream_options={"include_usage": True}, echo=True),
+        )
+    events = parse_sse(r.text)
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert all(c["object"] == "text_completion" for c in chunks)
+    texts: dict[int, str] = {}
+    finishes: dict[int, str] = {}
+    for chunk in chunks[:-1]:
+        assert "usage" not in chunk
+        for choice in chunk["choices"]:
+            texts[choice["index"]] = texts.get(choice["index"], "") + choice["text"]
+            if choice["finish_reason"]:
+                finishes[choice["index"]] = choice["finish_reason"]
+    assert texts == {0: "xecho: x", 1: "y zecho: y z"}
+    assert finishes == {0: "stop", 1: "stop"}
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["prompt_tokens"] == 3
+
+
+@pytest.mark.anyio
+async def test_a_failure_mid_stream_is_an_error_event() -> None:
+    async with client(make_app(FakeEngine(fail_after=1))) as c:
+        r = await c.post("/v1/completions", json=body("a b c", stream=True))
+    events = parse_sse(r.text)
+    assert events[-1] == "[DONE]" and "error" in events[-2]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("fields", "param", "code"),
+    [
+        ({"suffix": "end"}, "suffix", "unsupported_parameter"),
+        ({"best_of": 3}, "best_of", "unsupported_parameter"),
+        ({"echo": True, "logprobs": 1}, "echo", "unsupported_parameter"),
+        ({"stream_options": {"include_usage": True}}, "stream_options", "invalid_value"),
+        ({"max_tokens": 0}, "max_tokens", "integer_below_min_value"),
+        ({"prompt": []}, "prompt", "empty_array"),
+        ({"prompt": ["a"] * 33}, "prompt", "too_many_prompts"),
+        ({"prompt": 5}, "prompt", "invalid_type"),
+        ({"max_tokens": "8"}, "max_tokens", "invalid_type"),
+        ({"logprobs": 6}, "logprobs", "integer_above_max_value"),
+        ({"model": "nope"}, "model", "model_not_found"),
+    ],
+)
+async def test_refusals_name_the_field(fields: dict[str, Any], param: str, code: str) -> None:
+    async with client(make_app()) as c:
+        r = await c.post("/v1/completions", json={**body(), **fields})
+    assert r.status_code in (400, 404), r.text
+    error = r.json()["error"]
+    assert (error["param"], error["code"]) == (param, code), error
+
+
+@pytest.mark.anyio
+async def test_missing_prompt_is_a_missing_parameter() -> None:
+    async with client(make_app()) as c:
+        r = await c.post("/v1/completions", json={"model": MODEL})
+    assert r.status_code == 400
+    assert r.json()["error"]["code"] == "missing_required_parameter"
+
+
+@pytest.mark.anyio
+async def test_tokenize_detokenize_version_and_model_root() -> None:
+    async with client(make_app(model="/models/InternVL3-8B")) as c:
+        prompt = (await c.post("/tokenize", json={"prompt": "ab cde"})).json()
+        chat = (
+            await c.post("/tokenize", json={"model": MODEL, "messages": [{"role": "user", "content": "x yz"}]})
+        ).json()
+        both = await c.post("/tokenize", json={"prompt": "a", "messages": [{"role": "user", "content": "x"}]})
+        text = (await c.post("/detokenize", json={"tokens": [1, 2]})).json()
+        version = (await c.get("/version")).json()
+        card = (await c.get(f"/v1/models/{MODEL}")).json()
+        wrong = await c.post("/detokenize", json={"model": "nope", "tokens": [1]})
+    assert prompt == {"count": 2, "max_model_len": 4096, "tokens": [2, 3]}
+    assert chat["tokens"] == [1, 2]
+    assert both.status_code == 400
+    assert text == {"prompt": "t1 t2"}
+    assert version["version"].count(".") >= 1
+    assert card["root"] == "/models/InternVL3-8B"
+    assert wrong.status_code == 404
