@@ -26,6 +26,8 @@ class ModelInfo:
     default_frames_per_video: int
     template: str
     tool_format: str = "hermes"  # how the model writes tool calls (inputs/tools.py)
+    # Tokens per prefix-cache block (a prompt's full blocks are cached as computed); 0 = no cache.
+    cache_block_size: int = 0
 
 
 class EngineClient(Protocol):

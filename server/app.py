@@ -23,6 +23,8 @@ from server.middleware import APIKeyMiddleware, BodyLimitMiddleware, DrainMiddle
 from server.protocol import ChatCompletionRequest
 from server.protocol.completions import CompletionRequest
 from server.protocol.extensions import DetokenizeRequest, TokenizeRequest
+from server.protocol.responses import ResponseRequest
+from server.responses import ResponseService
 from server.routes import router
 from server.settings import Settings
 from server.state import ServerState
@@ -56,6 +58,7 @@ def create_app(
         fetcher=fetcher,
         chat=chat,
         completions=CompletionService(settings, chat, metrics),
+        responses=ResponseService(settings, chat, metrics),
         tokens=TokenService(settings, chat, fetcher),
         loop_lag=loop_lag,
     )
@@ -83,7 +86,7 @@ def create_app(
     install_error_handlers(app)
     app.include_router(router)
     _document_request_bodies(
-        app, [ChatCompletionRequest, CompletionRequest, TokenizeRequest, DetokenizeRequest]
+        app, [ChatCompletionRequest, CompletionRequest, ResponseRequest, TokenizeRequest, DetokenizeRequest]
     )
     return app
 

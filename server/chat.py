@@ -297,6 +297,20 @@ async def fetch_media(planned: list[tuple[str, list[PlannedPart]]], fetcher: Med
 # Orchestration.
 
 
+@dataclass
+class Started:
+    """A request the engine accepted: its first output, the rest to come, and how to let go."""
+
+    request_id: str
+    model: str
+    params: SamplingParams
+    first: RequestOutput
+    outputs: AsyncIterator[RequestOutput]
+    release: Callable[[], Awaitable[None]]  # closes the engine stream (aborting it if unfinished)
+    images: list[bytes]  # the request's images, in order, for grounding boxes
+    tools: ToolFormat | None  # how to read tool calls out of the text, when tools are on
+
+
 class ChatService:
     """Serves POST /v1/chat/completions against one engine."""
 
@@ -347,7 +361,11 @@ class ChatService:
             parts.append(request.headers.get("authorization", ""))
         return "\0".join(parts) if any(parts) else ""
 
-    async def _create(self, req: ChatCompletionRequest, tracker: RequestTracker, cache_salt: str) -> Response:
+    async def start(
+        self, req: ChatCompletionRequest, cache_salt: str, id_prefix: str = "chatcmpl"
+    ) -> Started:
+        """Everything up to the engine's first output: checks, media, the engine request. The
+        Responses API starts its requests here too, from a chat request it translated."""
         check_request(req)
         model = self.resolve_model(req.model)
         self.check_ready()
@@ -357,7 +375,7 @@ class ChatService:
         chat = await fetch_media(planned, self._fetcher)
         chat = with_tools(dataclasses.replace(chat, output_format=output_format(req)), req)
         # Server-made and unguessable: a client-chosen id could collide with (and abort) another's.
-        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        request_id = f"{id_prefix}-{uuid.uuid4().hex}"
         outputs = self._engine.generate(request_id, chat, params, cache_salt=cache_salt)
         self.inflight.add(request_id)
 
@@ -370,23 +388,28 @@ class ChatService:
         except BaseException:
             await release()
             raise
-        writer = ChunkWriter(request_id, int(time.time()), model)
         images = [p.data for m in chat.messages for p in m.parts if isinstance(p, ImageInput)]
         tools = FORMATS[info.tool_format] if chat.tools and chat.tool_choice != "none" else None
+        return Started(request_id, model, params, first, outputs, release, images, tools)
+
+    async def _create(self, req: ChatCompletionRequest, tracker: RequestTracker, cache_salt: str) -> Response:
+        run = await self.start(req, cache_salt)
+        writer = ChunkWriter(run.request_id, int(time.time()), run.model)
+        n = run.params.n
         if req.stream:
             events = stream_events(
-                writer, params.n, req.include_usage, first, outputs, tracker, images, tools
+                writer, n, req.include_usage, run.first, run.outputs, tracker, run.images, run.tools
             )
             return EngineStreamResponse(
                 events,
-                on_close=release,
+                on_close=run.release,
                 send_timeout_s=self._settings.stream_send_timeout_s,
                 on_send_timeout=self._metrics.slow_client,
             )
         try:
-            completion = await collect(writer, params.n, first, outputs, tracker, images, tools)
+            completion = await collect(writer, n, run.first, run.outputs, tracker, run.images, run.tools)
         finally:
-            await release()
+            await run.release()
         return Response(completion.model_dump_json(), media_type="application/json")
 
     def check_ready(self) -> None:

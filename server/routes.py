@@ -18,6 +18,7 @@ from server.protocol.extensions import (
     TokenizeResponse,
     VersionResponse,
 )
+from server.protocol.responses import DeletedResponse, ResponseObject, ResponseRequest
 from server.request_parsing import parse_request
 from server.state import ServerState
 
@@ -61,6 +62,28 @@ async def create_completion(request: Request) -> Response:
     state = _state(request)
     body = await parse_request(await request.body(), CompletionRequest, state.body_limits)
     return await state.completions.create(body, request)
+
+
+@router.post(
+    "/v1/responses",
+    response_model=ResponseObject,
+    responses={**_ERRORS, 200: {"content": {"text/event-stream": {}}}},
+    openapi_extra=_json_body(ResponseRequest),
+)
+async def create_response(request: Request) -> Response:
+    state = _state(request)
+    body = await parse_request(await request.body(), ResponseRequest, state.body_limits)
+    return await state.responses.create(body, request)
+
+
+@router.get("/v1/responses/{response_id}", responses=_ERRORS)
+async def retrieve_response(response_id: str, request: Request) -> ResponseObject:
+    return _state(request).responses.retrieve(response_id)
+
+
+@router.delete("/v1/responses/{response_id}", responses=_ERRORS)
+async def delete_response(response_id: str, request: Request) -> DeletedResponse:
+    return _state(request).responses.delete(response_id)
 
 
 @router.post("/tokenize", responses=_ERRORS, openapi_extra=_json_body(TokenizeRequest))

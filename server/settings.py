@@ -118,6 +118,14 @@ class Settings(EngineOptions):
     default_max_tokens: int | None = Field(None, ge=1)
     """max_tokens of requests that set none; None = up to the end of the context"""
 
+    # The Responses API's store (store: true, previous_response_id), in memory, per process.
+    responses_store_max: int = Field(1000, ge=0)
+    """stored responses kept for GET and previous_response_id (oldest dropped first); 0 = store off"""
+    responses_store_max_bytes: int = Field(256 * MiB, ge=0)
+    """bytes the stored responses may hold, their inputs (images included) counted"""
+    responses_store_ttl_s: float = Field(3600.0, gt=0)
+    """seconds a stored response is kept"""
+
     def to_engine_config(self, model_path: str | None = None) -> EngineConfig:
         """The engine's settings; `model_path` replaces `model` once 'demo' or a hub id is resolved."""
         model = model_path or self.model

@@ -14,6 +14,7 @@ from server.media import MediaFetcher
 from server.metrics import Metrics
 from server.protocol import ModelCard, ModelList
 from server.request_parsing import BodyLimits
+from server.responses import ResponseService
 from server.settings import Settings
 from server.tokens import TokenService
 
@@ -29,6 +30,7 @@ class ServerState:
     fetcher: MediaFetcher
     chat: ChatService
     completions: CompletionService
+    responses: ResponseService
     tokens: TokenService
     loop_lag: LoopLagMonitor
     created: int = field(default_factory=lambda: int(time.time()))

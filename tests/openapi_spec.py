@@ -49,6 +49,24 @@ def validator(schema: str) -> jsonschema.Draft202012Validator:
     )
 
 
+@functools.cache
+def _event_schemas() -> dict[str, str]:
+    """Each Responses stream event's `type` -> the name of its schema."""
+    schemas = _components()["schemas"]
+    events = {}
+    for ref in schemas["ResponseStreamEvent"]["anyOf"]:
+        name = ref["$ref"].rsplit("/", 1)[-1]
+        kind = schemas[name]["properties"]["type"]
+        for value in kind.get("enum", [kind.get("const")]):
+            events[value] = name
+    return events
+
+
+def event_schema(kind: str) -> str:
+    assert kind in _event_schemas(), f"{kind!r} is not a Responses stream event type"
+    return _event_schemas()[kind]
+
+
 def violations(schema: str, instance: Any) -> list[str]:
     """Where `instance` breaks OpenAI's `schema` (empty when it conforms)."""
     return [f"{e.json_path}: {e.message[:200]}" for e in validator(schema).iter_errors(instance)]
@@ -99,6 +117,14 @@ def check_response(method: str, path: str, status: int, content_type: str, body:
                 assert_conforms("CreateCompletionResponse", payload)
         else:
             assert_conforms("CreateCompletionResponse", json.loads(body))
+    elif path == "/v1/responses" and method == "POST":
+        if content_type.startswith("text/event-stream"):
+            for payload in _sse_payloads(body.decode()):
+                assert_conforms(event_schema(payload["type"]), payload)
+        else:
+            assert_conforms("Response", json.loads(body))
+    elif path.startswith("/v1/responses/") and method == "GET":
+        assert_conforms("Response", json.loads(body))
     elif path == "/v1/models" and method == "GET":
         assert_conforms("ListModelsResponse", json.loads(body))
     elif path.startswith("/v1/models/") and method == "GET":

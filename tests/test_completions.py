@@ -146,9 +146,8 @@ async def test_missing_prompt_is_a_missing_parameter() -> None:
 async def test_tokenize_detokenize_version_and_model_root() -> None:
     async with client(make_app(model="/models/InternVL3-8B")) as c:
         prompt = (await c.post("/tokenize", json={"prompt": "ab cde"})).json()
-        chat = (
-            await c.post("/tokenize", json={"model": MODEL, "messages": [{"role": "user", "content": "x yz"}]})
-        ).json()
+        messages = [{"role": "user", "content": "x yz"}]
+        chat = (await c.post("/tokenize", json={"model": MODEL, "messages": messages})).json()
         both = await c.post("/tokenize", json={"prompt": "a", "messages": [{"role": "user", "content": "x"}]})
         text = (await c.post("/detokenize", json={"tokens": [1, 2]})).json()
         version = (await c.get("/version")).json()

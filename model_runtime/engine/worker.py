@@ -76,6 +76,7 @@ class Worker:
             default_frames_per_video=config.frames_per_video,
             template=loaded.template.name,
             tool_format=self.processor.tool_format.name,
+            cache_block_size=config.block_size if config.enable_prefix_caching else 0,
         )
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         # Media jobs (headers, decoding, tiling) are served request by request in turn, and one
