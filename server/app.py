@@ -47,7 +47,7 @@ def create_app(
     before and shuts it down after); the lifespan here closes what the app itself opened."""
     names = list(settings.served_model_name) or [default_model_name or _name_from_model(settings.model)]
     loop_lag = LoopLagMonitor(settings.max_event_loop_lag_s)
-    metrics = Metrics(names[0], engine, loop_lag)
+    metrics = Metrics(names[0], engine, loop_lag, names=settings.metrics_names)
     fetcher = fetcher or MediaFetcher(settings)
     chat = ChatService(settings, engine, fetcher, metrics, names)
     state = ServerState(

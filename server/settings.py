@@ -71,6 +71,9 @@ class Settings(EngineOptions):
     clients cannot time what another's have sent; 'shared': one cache for all"""
     metrics_require_auth: bool = False
     """also require an API key on /metrics"""
+    metrics_names: Literal["internvl", "vllm"] = "internvl"
+    """'vllm': /metrics exports vLLM's families under vLLM's exact names and labels (vllm:*,
+    finished_reason, engine), so dashboards and alerts built for vLLM work unchanged"""
     cors_allow_origins: list[str] = Field(default_factory=list)
     """origins allowed by CORS; empty = CORS off"""
 

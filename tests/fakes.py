@@ -15,6 +15,7 @@ from model_runtime.request import (
     ChatInput,
     CompletionDelta,
     EngineStats,
+    FinishedRequestStats,
     FinishReason,
     ImageInput,
     RequestOutput,
@@ -34,6 +35,10 @@ IMAGE_TOKENS_PER_TILE = 256
 VIDEO_TOKENS_PER_FRAME = 64
 # What a failing engine puts in its error: the server must never show this to a client.
 SECRET_DETAIL = "boom at /srv/models/secret.py object at 0x7f00deadbeef"
+# The phase times a completed fake request reports: a fixed prefill, then a fixed time per step.
+FAKE_QUEUE_S = 0.01
+FAKE_PREFILL_S = 0.02
+FAKE_STEP_S = 0.01
 
 
 def answer_tokens(chat: ChatInput, index: int, n: int) -> list[str]:
@@ -140,6 +145,7 @@ class FakeEngine:
         prompt_tokens = text_tokens + image_tokens
         choices = [_Choice(answer_tokens(chat, i, params.n)) for i in range(params.n)]
         completion_tokens = 0
+        choice_tokens = [0] * params.n
         done = False
         try:
             for step in range(max(len(c.tokens) for c in choices)):
@@ -161,10 +167,21 @@ class FakeEngine:
                     return
                 deltas = [d for i, c in enumerate(choices) if (d := _step(c, i, step, params)) is not None]
                 completion_tokens += sum(len(d.token_ids) for d in deltas)
+                for d in deltas:
+                    choice_tokens[d.index] += len(d.token_ids)
                 done = all(c.finish is not None for c in choices)
+                stats = None
+                if done:
+                    stats = FinishedRequestStats(
+                        n=params.n,
+                        max_tokens=params.max_tokens or self.info.max_model_len - prompt_tokens,
+                        max_choice_tokens=max(choice_tokens),
+                        prefill_time=FAKE_PREFILL_S,
+                        decode_time=FAKE_STEP_S * step,
+                    )
                 yield RequestOutput(
                     request_id, deltas, prompt_tokens, completion_tokens, image_tokens,
-                    finished=done, queue_time=0.01 if step == 0 else None,
+                    finished=done, queue_time=FAKE_QUEUE_S if step == 0 else None, stats=stats,
                 )  # fmt: skip
                 if done:
                     self.finished.append(request_id)

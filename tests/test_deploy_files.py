@@ -2,7 +2,9 @@
 
 Tools (all from package registries, run as subprocesses): kubernetes-validate, hadolint and
 check-jsonschema from the `test` extra; promtool from Debian's `prometheus` package when installed
-(scripts/test.sh installs it where it can), else a structural check with PyYAML.
+(scripts/test.sh installs it where it can), else a structural check with PyYAML. promtool checks
+the Prometheus config, the alert rules (and runs their unit tests) and the PromQL of the Grafana
+dashboard; tests/test_metrics.py checks that every metric they read is one the server exports.
 """
 
 from __future__ import annotations
@@ -23,6 +25,11 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"
 COMPOSE = ROOT / "docker-compose.yml"
 PROMETHEUS_CONFIG = ROOT / "configs" / "prometheus.yml"
+ALERT_RULES = ROOT / "configs" / "prometheus-alerts.yml"
+ALERT_RULE_TESTS = ROOT / "tests" / "data" / "prometheus-alerts-test.yml"
+GRAFANA = ROOT / "configs" / "grafana"
+# Grafana's variables in the dashboard's queries, replaced by what a query could be sent with.
+GRAFANA_VARIABLES = {"$__rate_interval": "5m", "$__interval": "1m", "$__range": "1h"}
 K8S = ROOT / "configs" / "kubernetes"
 # Applied by `kubectl apply -k`; the other two manifests are validated but deliberately not applied.
 K8S_APPLIED = ["configmap.yaml", "pvc.yaml", "deployment.yaml", "service.yaml", "hpa.yaml", "pdb.yaml"]
@@ -221,6 +228,83 @@ def test_prometheus_config_passes_promtool() -> None:
     assert proc.returncode == 0 and "SUCCESS" in proc.stdout + proc.stderr, _output(proc)
 
 
+def _promtool() -> str:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip(
+            "promtool not installed (Debian package prometheus); test_alert_rules_structure checks the rules"
+        )
+    return promtool
+
+
+def test_alert_rules_pass_promtool() -> None:
+    proc = _run(_promtool(), "check", "rules", str(ALERT_RULES))
+    assert proc.returncode == 0 and "SUCCESS: 4 rules found" in proc.stdout + proc.stderr, _output(proc)
+
+
+def test_alert_rules_fire_as_their_unit_tests_say() -> None:
+    proc = _run(_promtool(), "test", "rules", str(ALERT_RULE_TESTS))
+    assert proc.returncode == 0 and "SUCCESS" in proc.stdout + proc.stderr, _output(proc)
+
+
+def test_promtool_rejects_a_broken_rule(tmp_path: Path) -> None:
+    rules = _load(ALERT_RULES)
+    rules["groups"][0]["rules"][0]["expr"] = "sum by (model_name (internvl:num_requests_waiting)"
+    bad = tmp_path / "alerts.yml"
+    bad.write_text(yaml.safe_dump(rules))
+    proc = _run(_promtool(), "check", "rules", str(bad))
+    assert proc.returncode != 0, _output(proc)
+
+
+def _dashboard_exprs(node: Any) -> list[str]:
+    if isinstance(node, dict):
+        found = [node["expr"]] if isinstance(node.get("expr"), str) else []
+        return found + [e for key, value in node.items() if key != "expr" for e in _dashboard_exprs(value)]
+    if isinstance(node, list):
+        return [e for item in node for e in _dashboard_exprs(item)]
+    return []
+
+
+def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
+    """Each query of the dashboard, its Grafana variables filled in, as a recording rule promtool parses."""
+    rules = []
+    for path in sorted((GRAFANA / "dashboards").glob("*.json")):
+        for index, expr in enumerate(_dashboard_exprs(json.loads(path.read_text()))):
+            for variable, value in GRAFANA_VARIABLES.items():
+                expr = expr.replace(variable, value)
+            rules.append({"record": f"dashboard:{path.stem.replace('-', '_')}:{index}", "expr": expr})
+    assert len(rules) >= 20
+    as_rules = tmp_path / "dashboard-rules.yml"
+    as_rules.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+    proc = _run(_promtool(), "check", "rules", str(as_rules))
+    assert proc.returncode == 0 and f"SUCCESS: {len(rules)} rules found" in proc.stdout, _output(proc)
+
+
+def test_alert_rules_structure() -> None:
+    rules = [rule for group in _load(ALERT_RULES)["groups"] for rule in group["rules"]]
+    names = [rule["alert"] for rule in rules]
+    assert len(set(names)) == len(names) == 4
+    for rule in rules:
+        assert set(rule) == {"alert", "expr", "for", "labels", "annotations"}, rule["alert"]
+        assert re.fullmatch(r"\d+[smh]", rule["for"]) and rule["labels"]["severity"] in {
+            "warning",
+            "critical",
+        }
+        assert "internvl:" in rule["expr"] and rule["annotations"]["summary"]
+    tested = {a["alertname"] for t in _load(ALERT_RULE_TESTS)["tests"] for a in t["alert_rule_test"]}
+    assert tested == set(names), "every alert has a promtool unit test"
+
+
+def test_prometheus_loads_the_alert_rules() -> None:
+    config = _load(PROMETHEUS_CONFIG)
+    assert [PROMETHEUS_CONFIG.parent / f for f in config["rule_files"]] == [ALERT_RULES]
+    prometheus = _load(COMPOSE)["services"]["prometheus"]
+    mounts = {str(v).split(":")[0]: str(v).split(":")[1] for v in prometheus["volumes"]}
+    # Next to the config file in the container, as rule_files (relative to it) expects.
+    config_dir = Path(mounts["./configs/prometheus.yml"]).parent
+    assert mounts["./configs/prometheus-alerts.yml"] == str(config_dir / config["rule_files"][0])
+
+
 def test_prometheus_config_structure() -> None:
     config = _load(PROMETHEUS_CONFIG)
     assert set(config) <= {"global", "scrape_configs", "rule_files", "alerting", "remote_write"}
@@ -322,6 +406,52 @@ def test_compose_prometheus_service() -> None:
     mounts = {str(v).split(":")[0]: str(v).split(":")[1] for v in prometheus["volumes"]}
     config_in_container = mounts["./configs/prometheus.yml"]
     assert f"--config.file={config_in_container}" in prometheus["command"]
+
+
+def test_compose_grafana_service() -> None:
+    compose = _load(COMPOSE)
+    grafana = compose["services"]["grafana"]
+    image, _, tag = grafana["image"].partition(":")
+    assert image == "grafana/grafana" and re.fullmatch(r"\d+\.\d+\.\d+", tag), grafana["image"]
+    assert all(str(p).startswith("127.0.0.1:") for p in grafana["ports"]), "Grafana stays on loopback"
+    mounts = {str(v).split(":")[0]: str(v).split(":")[1] for v in grafana["volumes"]}
+    for source in mounts:
+        if source.startswith("./"):
+            assert (ROOT / source).exists(), source
+        else:
+            assert source in compose["volumes"], source
+    provisioning = Path(mounts["./configs/grafana/provisioning"])
+    assert provisioning == Path("/etc/grafana/provisioning")  # where Grafana looks
+    # The data source is the compose network's Prometheus; the dashboards are read where they are mounted.
+    datasources = _load(GRAFANA / "provisioning" / "datasources" / "prometheus.yml")["datasources"]
+    prometheus_port = _load(COMPOSE)["services"]["prometheus"]["ports"][0].rsplit(":", 1)[1]
+    assert [(d["type"], d["url"]) for d in datasources] == [
+        ("prometheus", f"http://prometheus:{prometheus_port}")
+    ]
+    providers = _load(GRAFANA / "provisioning" / "dashboards" / "internvl-serve.yml")["providers"]
+    assert [p["options"]["path"] for p in providers] == [mounts["./configs/grafana/dashboards"]]
+    home = grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert Path(home).parent == Path(mounts["./configs/grafana/dashboards"])
+    assert (GRAFANA / "dashboards" / Path(home).name).is_file()
+    assert "prometheus" in grafana["depends_on"]
+
+
+def test_grafana_dashboard_structure() -> None:
+    for path in sorted((GRAFANA / "dashboards").glob("*.json")):
+        dashboard = json.loads(path.read_text())
+        assert dashboard["uid"] and dashboard["title"], path
+        variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+        assert (
+            variables["datasource"]["type"] == "datasource"
+            and variables["datasource"]["query"] == "prometheus"
+        )
+        panels = [p for p in dashboard["panels"] if p["type"] != "row"]
+        assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"]), "panel ids are unique"
+        for panel in panels:
+            assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
+            assert panel["targets"] and all(
+                'model_name=~"$model_name"' in t["expr"] for t in panel["targets"]
+            )
 
 
 # ---- Kubernetes -----------------------------------------------------------------------------------

@@ -261,6 +261,16 @@ class KVCacheManager:
         self.hit_tokens += matched
         return matched
 
+    def recomputed_tail(self, seq: Sequence, matched: int) -> int:
+        """Tokens of seq's last block that the prefix cache holds but that are computed again (the
+        last token's logits are needed): block_size when seq's tokens fill their last block, every
+        block before it matched (`matched` tokens) and the cache holds that block too; else 0."""
+        size, tokens = self.block_size, seq.num_tokens
+        if not self.prefix_caching or tokens % size or matched != tokens - size:
+            return 0
+        self.extend_keys(seq, tokens)
+        return size if self.pool.lookup(seq.block_hashes[tokens // size - 1]) is not None else 0
+
     def allocate(self, seq: Sequence, num_tokens: int, *, reserve: int = 0, growth: int = 0) -> bool:
         """Grow seq's table to hold `num_tokens` tokens, if that leaves `reserve` blocks free;
         False (and no change) otherwise. `growth`: tokens it may still add, for which blocks right

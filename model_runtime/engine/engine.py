@@ -8,6 +8,7 @@ device unusable (anything but out-of-memory on CUDA) marks the engine dead.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import logging
 import time
@@ -27,7 +28,14 @@ from model_runtime.engine.sequence import Request, Sequence
 from model_runtime.engine.vision_cache import VisionFeatureCache
 from model_runtime.errors import RequestFailedError
 from model_runtime.loading.checkpoint import LoadedCheckpoint
-from model_runtime.request import CompletionDelta, EngineStats, RequestOutput, TokenLogprob
+from model_runtime.request import (
+    ITERATION_TOKEN_BUCKETS,
+    CompletionDelta,
+    EngineStats,
+    FinishedRequestStats,
+    RequestOutput,
+    TokenLogprob,
+)
 from model_runtime.structured.tokenizer import Vocabulary, token_string
 
 log = logging.getLogger(__name__)
@@ -126,6 +134,12 @@ class Engine:
             vision_stages=self.runner.vision.stages,
         )
         self.requests: dict[str, Request] = {}
+        # For metrics: multimodal-cache queries and hits (images and video frames, each counted once
+        # per request), and tokens computed per step as counts per ITERATION_TOKEN_BUCKETS bound.
+        self.mm_cache_queries = 0
+        self.mm_cache_hits = 0
+        self.iteration_tokens = [0] * (len(ITERATION_TOKEN_BUCKETS) + 1)
+        self.iteration_tokens_sum = 0
         # Unseeded sampling draws from torch's default generator; seeding it makes a server run repeatable.
         torch.manual_seed(config.seed)
         log.info(
@@ -198,6 +212,7 @@ class Engine:
         paused ones hold the memory)."""
         started = time.perf_counter()
         plan = self.scheduler.schedule()
+        self._count_admitted(plan.admitted)
         if not plan.chunks and not plan.vision and not plan.preempted:
             return False
         decodes = sum(c.end - c.start == 1 for c in plan.chunks)
@@ -206,6 +221,7 @@ class Engine:
             self._encode(plan)
         if plan.chunks:
             self._forward(plan)
+            self._count_step_tokens(plan.num_tokens)
         self.cost.observe_step(decodes, decode_only, time.perf_counter() - started)
         touched = {id(c.seq.request): c.seq.request for c in plan.chunks}
         for request in touched.values():
@@ -213,10 +229,23 @@ class Engine:
                 self._emit(request)
         return True
 
+    def _count_admitted(self, admitted: list[Request]) -> None:
+        """Images whose features the processor took from the vision cache are multimodal-cache hits
+        now; the others are counted when first encoded (_encode), as found or not."""
+        for request in admitted:
+            for image in request.images:
+                if image.complete:
+                    self.mm_cache_queries += 1
+                    self.mm_cache_hits += 1
+
+    def _count_step_tokens(self, tokens: int) -> None:
+        self.iteration_tokens[bisect.bisect_left(ITERATION_TOKEN_BUCKETS, tokens)] += 1
+        self.iteration_tokens_sum += tokens
+
     def _encode(self, plan: StepPlan) -> None:
         started = time.perf_counter()
         try:
-            self.runner.vision.encode(plan.vision)
+            self._encode_counted(plan)
             stages = self.runner.vision.stages
             tiles = sum(
                 (t.end - t.start) if t.stages is None else (t.stages[1] - t.stages[0]) / stages
@@ -236,6 +265,17 @@ class Engine:
             except Exception as exc:  # noqa: BLE001
                 self._fail_or_die(request, exc)
         plan.chunks = [c for c in plan.chunks if not c.seq.request.finished]
+
+    def _encode_counted(self, plan: StepPlan) -> None:
+        """Encode the step's vision work; the vision cache's lookups in it, one per image not yet
+        encoded, are multimodal-cache queries (the per-image retry after a failure is not counted)."""
+        cache = self.vision_cache
+        lookups, hits = cache.lookups, cache.lookup_hits
+        try:
+            self.runner.vision.encode(plan.vision)
+        finally:
+            self.mm_cache_queries += cache.lookups - lookups
+            self.mm_cache_hits += cache.lookup_hits - hits
 
     def _forward(self, plan: StepPlan) -> None:
         self.runner.copy_blocks(plan.copies)
@@ -293,11 +333,15 @@ class Engine:
     # -- postprocess -------------------------------------------------------------------------------
 
     def _append(self, seqs: list[Sequence], tokens: list[int], logprobs) -> None:
+        now = time.monotonic()
         for row, (seq, token) in enumerate(zip(seqs, tokens, strict=True)):
             if seq.finished:
                 continue
             request = seq.request
             seq.output_ids.append(token)
+            if request.first_token_time is None:
+                request.first_token_time = now
+            request.last_token_time = now
             if token in request.params.extra_stop_token_ids:
                 self._finish(seq, "stop")
                 continue
@@ -361,9 +405,25 @@ class Engine:
             cached_tokens=request.num_cached_tokens,
             finished=finished,
             queue_time=queue_time,
+            recomputed_tokens=request.num_recomputed_tokens,
+            stats=self._finished_stats(request) if finished else None,
         )
         if request.sink is not None:
             request.sink(output)
+
+    @staticmethod
+    def _finished_stats(request: Request) -> FinishedRequestStats | None:
+        first, last = request.first_token_time, request.last_token_time
+        scheduled = request.first_scheduled_time
+        if scheduled is None or first is None or last is None:
+            return None
+        return FinishedRequestStats(
+            n=request.n,
+            max_tokens=request.max_tokens,
+            max_choice_tokens=max(len(s.output_ids) for s in request.seqs),
+            prefill_time=first - scheduled,
+            decode_time=last - first,
+        )
 
     def _fail(self, request: Request, error: Exception) -> None:
         self.requests.pop(request.request_id, None)
@@ -380,6 +440,7 @@ class Engine:
                     cached_tokens=request.num_cached_tokens,
                     finished=True,
                     error=error,
+                    recomputed_tokens=request.num_recomputed_tokens,
                 )
             )
 
@@ -406,10 +467,16 @@ class Engine:
             cache_used_blocks=self.kv.pool.num_used,
             cache_total_blocks=self.kv.pool.num_usable,
             block_size=self.kv.block_size,
-            prefix_cache_queries=self.kv.query_tokens,
-            prefix_cache_hits=self.kv.hit_tokens,
+            prefix_cache_queries=sched.prefix_cache_queries,
+            prefix_cache_hits=sched.prefix_cache_hits,
             num_preemptions=sched.num_preemptions,
             vision_cache_bytes=self.vision_cache.bytes,
             vision_cache_hits=self.vision_cache.hits,
             vision_cache_misses=self.vision_cache.misses,
+            mm_cache_queries=self.mm_cache_queries,
+            mm_cache_hits=self.mm_cache_hits,
+            iteration_tokens_buckets=tuple(self.iteration_tokens),
+            iteration_tokens_sum=self.iteration_tokens_sum,
+            cache_dtype=str(self.loaded.dtype).removeprefix("torch."),
+            enable_prefix_caching=self.kv.prefix_caching,
         )

@@ -80,6 +80,7 @@ class StepPlan:
     vision: list[VisionTask] = field(default_factory=list)
     copies: list[tuple[int, int]] = field(default_factory=list)  # (source, destination) blocks
     preempted: list[Request] = field(default_factory=list)
+    admitted: list[Request] = field(default_factory=list)  # scheduled for the first time
 
     @property
     def num_tokens(self) -> int:
@@ -259,6 +260,9 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # admission order; the last is preempted first
         self.num_preemptions = 0
+        # Counted once per request, at its first admission (vLLM's prefix_cache_queries / _hits).
+        self.prefix_cache_queries = 0  # prompt tokens looked up
+        self.prefix_cache_hits = 0  # of which the cache held
 
     # -- admission control -----------------------------------------------------------------------
 
@@ -328,9 +332,15 @@ class Scheduler:
             for seq in request.active_seqs():
                 if seq.num_pending > 1 and not budget.spent:
                     self._schedule_prefill(plan, seq, budget, planned)
-        while self.waiting and not budget.spent and self._admit(self.waiting[0]):
-            request = self.waiting.popleft()
+        while self.waiting and not budget.spent:
+            request = self.waiting[0]
+            first = request.first_scheduled_time is None
+            if not self._admit(request):
+                break
+            self.waiting.popleft()
             self.running.append(request)
+            if first:
+                plan.admitted.append(request)
             for seq in request.active_seqs():
                 self._schedule_prefill(plan, seq, budget, planned)
         return plan
@@ -383,6 +393,9 @@ class Scheduler:
             return False
         seqs = request.active_seqs()
         cached = [self.kv.match_prefix(seq) for seq in seqs]
+        first = request.first_scheduled_time is None
+        # Looked up before allocating, which may evict that block.
+        recomputed = self.kv.recomputed_tail(seqs[0], cached[0]) if first else 0
         need = sum(self.kv.blocks_for(s.num_tokens) - len(s.block_table) for s in seqs)
         # The reserve keeps room for running sequences to grow; with none running it would only
         # keep out a request that fits the whole cache.
@@ -396,9 +409,13 @@ class Scheduler:
             assert self.kv.allocate(seq, seq.num_tokens, growth=growth)
             seq.num_computed = hit
             seq.status = Status.RUNNING
-        if request.first_scheduled_time is None:
+        if first:
             request.first_scheduled_time = time.monotonic()
             request.num_cached_tokens = cached[0]
+            request.num_recomputed_tokens = recomputed
+            if self.kv.prefix_caching:
+                self.prefix_cache_queries += request.prompt_len
+                self.prefix_cache_hits += cached[0]
         return True
 
     def _schedule_prefill(

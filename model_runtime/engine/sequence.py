@@ -121,7 +121,11 @@ class Request:
     # variant) that makes the same tokens compute different keys and values.
     cache_root: bytes = b""
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (usage.cached_tokens)
+    num_recomputed_tokens: int = 0  # prompt tokens the prefix cache held but computed again
     num_preemptions: int = 0
+    # The steps that sampled its first and its latest token (time.monotonic), for metrics.
+    first_token_time: float | None = None
+    last_token_time: float | None = None
     # Its client is not reading: the sequences keep their blocks but do not decode until it is
     # (outputs nobody reads would only pile up in memory).
     paused: bool = False

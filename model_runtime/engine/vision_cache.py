@@ -23,16 +23,22 @@ class VisionFeatureCache:
         self.bytes = 0
         self.hits = 0
         self.misses = 0
+        # get() alone (the engine thread's lookups before encoding), apart from the preprocessing
+        # threads' peeks: the engine counts its multimodal-cache queries from these.
+        self.lookups = 0
+        self.lookup_hits = 0
         self._lock = threading.Lock()
 
     def get(self, key: str) -> torch.Tensor | None:
         with self._lock:
+            self.lookups += 1
             features = self._entries.get(key)
             if features is None:
                 self.misses += 1
                 return None
             self._entries.move_to_end(key)
             self.hits += 1
+            self.lookup_hits += 1
             return features
 
     def peek(self, key: str) -> torch.Tensor | None:
