@@ -150,6 +150,10 @@ class RequestOutput:
     # prompt token, whose logits are needed (0 or block_size).
     recomputed_tokens: int = 0
     stats: FinishedRequestStats | None = None  # on the finished output of a completed request
+    # With params.prompt_logprobs: every prompt token with its log-probability given the tokens
+    # before it; the first has none (nothing comes before it: logprob 0.0, no alternatives). Sent
+    # on the first output that carries a token, then None.
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass

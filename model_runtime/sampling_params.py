@@ -61,6 +61,10 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     ignore_eos: bool = False
+    # Log-probabilities of the prompt's own tokens (each given the tokens before it) with this many
+    # alternatives; None = not computed. Such a prompt is computed whole, never taken from the
+    # prefix cache (a cached block has no logits).
+    prompt_logprobs: int | None = None
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, -100..100) added to its logit
     skip_special_tokens: bool = True  # False keeps markers a tool-call parser reads (InternLM2's)
     constraint: Any = field(default=None, repr=False)  # structured.grammar.Constraint
@@ -108,6 +112,8 @@ class SamplingParams:
             "top_logprobs",
             "Invalid value for 'top_logprobs': 'logprobs' must be true when 'top_logprobs' is set.",
         )
+        if self.prompt_logprobs is not None:
+            _within(self.prompt_logprobs, 0, MAX_TOP_LOGPROBS, "prompt_logprobs")
         if self.seed is not None:
             _within(self.seed, -(2**63), 2**63 - 1, "seed")
         _check(

@@ -2,13 +2,15 @@
 on the same engine, sampling and limits as chat; their choices are numbered prompt * n + choice.
 
 What the engine does not do is refused by name rather than ignored: `suffix` (no fill-in-the-
-middle), `best_of` above `n` (no server-side ranking), and `echo` together with `logprobs` (the
-engine reports log-probabilities of generated tokens only, not of the prompt's).
+middle) and `best_of` above `n` (no server-side ranking). `echo` with `logprobs` reports the prompt's
+own log-probabilities (what evaluation harnesses score), computed by the engine, never from the
+prefix cache.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -57,13 +59,6 @@ def check_request(req: CompletionRequest) -> None:
             param="best_of",
             code="unsupported_parameter",
         )
-    if req.echo and req.logprobs is not None:
-        raise BadRequestError(
-            "'echo' with 'logprobs' is not supported: log-probabilities are computed for generated "
-            "tokens only, not for the prompt's. Send one of them.",
-            param="echo",
-            code="unsupported_parameter",
-        )
     if req.logprobs is not None and not 0 <= req.logprobs <= MAX_LOGPROBS:
         raise BadRequestError(
             f"Invalid 'logprobs': expected a value from 0 to {MAX_LOGPROBS}, but got {req.logprobs} instead.",
@@ -98,53 +93,76 @@ def as_prompt_error(exc: BaseException) -> BaseException:
     return exc
 
 
-def to_completion_logprobs(items: list[EngineTokenLogprob], offset: int) -> CompletionLogprobs:
+def to_completion_logprobs(
+    items: list[EngineTokenLogprob], offset: int, *, prompt: bool = False
+) -> CompletionLogprobs:
     """The legacy column layout; `text_offset` counts characters from the start of the choice's
-    text (after the echoed prompt, if any), as OpenAI does."""
+    text, as OpenAI does. For an echoed prompt the first token has no log-probability (null)."""
     out = CompletionLogprobs()
-    for item in items:
+    for position, item in enumerate(items):
         out.text_offset.append(offset)
         out.tokens.append(item.token)
-        out.token_logprobs.append(item.logprob)
-        out.top_logprobs.append({top.token: top.logprob for top in item.top})
+        first = prompt and position == 0
+        out.token_logprobs.append(None if first else item.logprob)
+        out.top_logprobs.append(None if first else {top.token: top.logprob for top in item.top})
         offset += len(item.token_bytes.decode("utf-8", errors="ignore"))
     return out
 
 
 class _Prompt:
-    """One prompt's engine stream, its tracker and what its choices have produced so far."""
+    """One prompt's engine stream, its tracker and what its choices have produced so far. With
+    `echo`, every choice starts with the prompt (and, with logprobs, the prompt's log-probabilities,
+    which arrive with the first output)."""
 
-    def __init__(self, index: int, n: int, echo: str, outputs: AsyncIterator[RequestOutput],
+    def __init__(self, index: int, n: int, echo: str | None, outputs: AsyncIterator[RequestOutput],
                  tracker: RequestTracker) -> None:  # fmt: skip
         self.index = index
         self.n = n
         self.echo = echo
         self.outputs = outputs
         self.tracker = tracker
-        self.texts = [[echo] if echo else [] for _ in range(n)]
-        self.offsets = [len(echo)] * n
-        self.logprobs: list[list[EngineTokenLogprob] | None] = [None] * n
+        self.texts: list[list[str]] = [[] for _ in range(n)]
+        self.offsets = [0] * n
+        self.logprobs: list[CompletionLogprobs | None] = [None] * n
         self.reasons: list[str | None] = [None] * n
         self.last: RequestOutput | None = None
 
     def choice_index(self, i: int) -> int:
         return self.index * self.n + i
 
+    def _record(self, i: int, text: str, logprobs: CompletionLogprobs | None) -> None:
+        self.texts[i].append(text)
+        self.offsets[i] += len(text)
+        if logprobs is not None:
+            whole = self.logprobs[i] = self.logprobs[i] or CompletionLogprobs()
+            for column in ("text_offset", "tokens", "token_logprobs", "top_logprobs"):
+                getattr(whole, column).extend(getattr(logprobs, column))
+
     def add(self, out: RequestOutput) -> list[CompletionChoice]:
-        """Record one engine output; returns its deltas as stream choices."""
+        """Record one engine output; returns what it adds as stream choices."""
         if out.error is not None:
             raise out.error
         self.tracker.on_output(out)
+        first = self.last is None
         self.last = out
         choices = []
+        if first and self.echo is not None:
+            echoed = None
+            if out.prompt_logprobs is not None:
+                echoed = to_completion_logprobs(out.prompt_logprobs, 0, prompt=True)
+            for i in range(self.n):
+                self._record(i, self.echo, echoed)
+                choices.append(
+                    CompletionChoice(
+                        index=self.choice_index(i), text=self.echo, logprobs=echoed, finish_reason=None
+                    )
+                )
         for delta in out.deltas:
             i = delta.index
-            self.texts[i].append(delta.text)
             logprobs = None
             if delta.logprobs is not None:
                 logprobs = to_completion_logprobs(delta.logprobs, self.offsets[i])
-                self.logprobs[i] = [*(self.logprobs[i] or []), *delta.logprobs]
-            self.offsets[i] += len(delta.text)
+            self._record(i, delta.text, logprobs)
             reason = None
             if delta.finish_reason is not None:
                 reason = self.reasons[i] = to_finish_reason(delta.finish_reason)
@@ -164,9 +182,7 @@ class _Prompt:
             CompletionChoice(
                 index=self.choice_index(i),
                 text="".join(self.texts[i]),
-                logprobs=None
-                if self.logprobs[i] is None
-                else to_completion_logprobs(self.logprobs[i] or [], len(self.echo)),
+                logprobs=self.logprobs[i],
                 finish_reason=self.reasons[i] or "stop",  # type: ignore[arg-type]
             )
             for i in range(self.n)
@@ -221,6 +237,8 @@ class CompletionService:
         model = self._chat.resolve_model(req.model)
         self._chat.check_ready()
         params: SamplingParams = sampling_params(req, self._settings, self._engine.info)
+        if req.echo and req.logprobs is not None:
+            params = dataclasses.replace(params, prompt_logprobs=req.logprobs)
         texts = req.prompts
         response_id = f"cmpl-{uuid.uuid4().hex}"
         prompts: list[_Prompt] = []
@@ -232,7 +250,7 @@ class CompletionService:
                     request_id, ChatInput(messages=(), prompt=prompt), params, cache_salt=cache_salt
                 )
                 self._chat.inflight.add(request_id)
-                echo = ""
+                echo = None
                 if req.echo:
                     echo = prompt if isinstance(prompt, str) else await self._engine.detokenize(list(prompt))
                 prompts.append(_Prompt(index, params.n, echo, outputs, self._metrics.track()))
@@ -243,7 +261,7 @@ class CompletionService:
             raise
         writer = ChunkWriter(response_id, int(time.time()), model)
         if req.stream:
-            events = self._stream(writer, prompts, firsts, req.include_usage, bool(req.echo))
+            events = self._stream(writer, prompts, firsts, req.include_usage)
             return EngineStreamResponse(
                 events,
                 on_close=lambda: self._release(response_id, prompts),
@@ -276,9 +294,8 @@ class CompletionService:
             await close_quietly(prompt.outputs)
 
     async def _stream(
-        self, writer: ChunkWriter, prompts: list[_Prompt], firsts: list[RequestOutput], include_usage: bool,
-        echo: bool,
-    ) -> AsyncIterator[str]:  # fmt: skip
+        self, writer: ChunkWriter, prompts: list[_Prompt], firsts: list[RequestOutput], include_usage: bool
+    ) -> AsyncIterator[str]:
         """Chunks of every prompt's choices as they come (interleaved), usage, [DONE]; a failure
         after the headers went out becomes an error event, then [DONE]."""
 
@@ -304,12 +321,6 @@ class CompletionService:
 
         tasks = [asyncio.ensure_future(pump(p, f)) for p, f in zip(prompts, firsts, strict=True)]
         try:
-            if echo:
-                for prompt in prompts:
-                    yield chunk(
-                        [CompletionChoice(index=prompt.choice_index(i), text=prompt.echo, finish_reason=None)
-                         for i in range(prompt.n)]
-                    )  # fmt: skip
             running = len(prompts)
             while running:
                 prompt, item = await queue.get()

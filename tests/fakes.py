@@ -50,6 +50,26 @@ def answer_tokens(chat: ChatInput, index: int, n: int) -> list[str]:
     return [w if i == 0 else f" {w}" for i, w in enumerate(words)]
 
 
+def prompt_logprobs(chat: ChatInput, params: SamplingParams) -> list[TokenLogprob] | None:
+    """The prompt's words as tokens: the first with logprob 0 (none), the others -0.25, with
+    `prompt_logprobs` alternatives."""
+    if params.prompt_logprobs is None:
+        return None
+    words = chat.prompt.split() if isinstance(chat.prompt, str) else [f"t{t}" for t in chat.prompt or ()]
+    out = []
+    for i, word in enumerate(words):
+        top = (
+            ()
+            if i == 0
+            else tuple(
+                TokenLogprob(900 + j, f"p{j}", -1.0 - j, f"p{j}".encode())
+                for j in range(params.prompt_logprobs)
+            )
+        )
+        out.append(TokenLogprob(len(word), word, 0.0 if i == 0 else -0.25, word.encode(), top))
+    return out
+
+
 def image_token_count(chat: ChatInput) -> int:
     count = 0
     for message in chat.messages:
@@ -182,6 +202,7 @@ class FakeEngine:
                 yield RequestOutput(
                     request_id, deltas, prompt_tokens, completion_tokens, image_tokens,
                     finished=done, queue_time=FAKE_QUEUE_S if step == 0 else None, stats=stats,
+                    prompt_logprobs=prompt_logprobs(chat, params) if step == 0 else None,
                 )  # fmt: skip
                 if done:
                     self.finished.append(request_id)

@@ -102,6 +102,24 @@ def check_response(method: str, path: str, status: int, content_type: str, body:
         else:
             assert_conforms("CreateChatCompletionResponse", json.loads(body))
     elif path == "/v1/completions" and method == "POST":
+        payloads = (
+            _sse_payloads(body.decode())
+            if content_type.startswith("text/event-stream")
+            else [json.loads(body)]
+        )
+        for payload in payloads:
+            for choice in payload.get("choices", []):
+                # OpenAI writes null for an echoed prompt's first token (nothing precedes it); its
+                # spec types these as numbers and objects.
+                logprobs = choice.get("logprobs") or {}
+                if logprobs.get("token_logprobs") and logprobs["token_logprobs"][0] is None:
+                    logprobs["token_logprobs"][0] = 0.0
+                    logprobs["top_logprobs"][0] = {}
+        body = (
+            json.dumps(payloads[0]).encode()
+            if not content_type.startswith("text/event-stream")
+            else ("".join(f"data: {json.dumps(p)}\n\n" for p in payloads).encode())
+        )
         if content_type.startswith("text/event-stream"):
             for payload in _sse_payloads(body.decode()):
                 if "error" in payload:

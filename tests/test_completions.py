@@ -78,6 +78,30 @@ async def test_logprobs_in_the_legacy_layout() -> None:
 
 
 @pytest.mark.anyio
+async def test_echo_with_logprobs_scores_the_prompt() -> None:
+    """What lm-eval's local-completions sends for log-likelihoods: echo, logprobs, max_tokens 1."""
+    engine = FakeEngine()
+    async with client(make_app(engine)) as c:
+        answer = (
+            await c.post("/v1/completions", json=body("the cat sat", echo=True, logprobs=1, max_tokens=1))
+        ).json()
+        stream = await c.post(
+            "/v1/completions", json=body("the cat", echo=True, logprobs=1, max_tokens=1, stream=True)
+        )
+    (_, _, params) = engine.calls[0]
+    assert params.prompt_logprobs == 1 and params.logprobs and params.top_logprobs == 1
+    choice = answer["choices"][0]
+    assert choice["text"] == "the cat satecho:"
+    logprobs = choice["logprobs"]
+    assert logprobs["tokens"] == ["the", "cat", "sat", "echo:"]
+    assert logprobs["token_logprobs"] == [None, -0.25, -0.25, -0.5]
+    assert logprobs["top_logprobs"] == [None, {"p0": -1.0}, {"p0": -1.0}, {"alt0": -1.0}]
+    assert logprobs["text_offset"] == [0, 3, 6, 11]  # the fake's tokens drop the spaces; the text has them
+    first = parse_sse(stream.text)[0]["choices"][0]
+    assert first["text"] == "the cat" and first["logprobs"]["token_logprobs"] == [None, -0.25]
+
+
+@pytest.mark.anyio
 async def test_streaming_with_usage() -> None:
     async with client(make_app()) as c:
         r = await c.post(
@@ -115,7 +139,6 @@ async def test_a_failure_mid_stream_is_an_error_event() -> None:
     [
         ({"suffix": "end"}, "suffix", "unsupported_parameter"),
         ({"best_of": 3}, "best_of", "unsupported_parameter"),
-        ({"echo": True, "logprobs": 1}, "echo", "unsupported_parameter"),
         ({"stream_options": {"include_usage": True}}, "stream_options", "invalid_value"),
         ({"max_tokens": 0}, "max_tokens", "integer_below_min_value"),
         ({"prompt": []}, "prompt", "empty_array"),

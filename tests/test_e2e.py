@@ -491,3 +491,28 @@ def test_tokenize_counts_a_chat_as_generation_does(client: openai.OpenAI, server
     assert counted["count"] == answer.usage.prompt_tokens == len(counted["tokens"])
     assert counted["max_model_len"] == MAX_MODEL_LEN
     assert card["root"] == str(server.model) and version["version"]
+
+
+def test_completions_echo_logprobs_score_the_prompt(client: openai.OpenAI) -> None:
+    """lm-eval's local-completions log-likelihood request: echo, logprobs=1, max_tokens=1."""
+
+    def score() -> Any:
+        return client.completions.create(
+            model=MODEL_NAME,
+            prompt="The cat sat on the mat",
+            echo=True,
+            logprobs=1,
+            max_tokens=1,
+            temperature=0,
+        )
+
+    first, again = score(), score()  # the second prompt is in the prefix cache: computed anyway
+    logprobs = first.choices[0].logprobs
+    prompt_tokens = first.usage.prompt_tokens
+    assert len(logprobs.tokens) == prompt_tokens + 1 and first.choices[0].text.startswith(
+        "The cat sat on the mat"
+    )
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    for lp, top in zip(logprobs.token_logprobs[1:], logprobs.top_logprobs[1:], strict=True):
+        assert lp <= 0 and len(top) >= 1 and max(top.values()) >= lp - 1e-5
+    assert again.choices[0].logprobs.token_logprobs == pytest.approx(logprobs.token_logprobs)

@@ -291,6 +291,34 @@ def test_chunked_prefill_matches(tmp_path) -> None:
     assert other.seqs[0].output_ids == chunked.reference(chunked.request("r2", CHATS["text"], GREEDY), 12)
 
 
+def test_prompt_logprobs_equal_one_plain_forward(tmp_path) -> None:
+    """Computed chunk by chunk in packed steps beside another request, never from the prefix cache
+    (the same prompt was cached just before), and equal to log_softmax of one transformers forward."""
+    from model_runtime.loading.tiny import write_tiny_checkpoint
+
+    path = write_tiny_checkpoint(tmp_path / "ckpt")
+    harness = Harness(path, max_num_batched_tokens=40, max_num_seqs=4)
+    text = "The quick brown fox jumps over the lazy dog. " * 6
+    plain = SamplingParams(max_tokens=2, temperature=0.0)
+    harness.add("warm", ChatInput((), prompt=text), plain)
+    harness.run()
+    params = SamplingParams(max_tokens=2, temperature=0.0, prompt_logprobs=3)
+    request = harness.add("p", ChatInput((), prompt=text), params)
+    harness.add("other", CHATS["text"], GREEDY)
+    harness.run()
+    assert request.prompt_len > 80 and request.num_cached_tokens == 0  # three chunks, none cached
+    (reported,) = [o.prompt_logprobs for o in harness.outputs["p"] if o.prompt_logprobs is not None]
+    assert [item.token_id for item in reported] == request.prompt_ids
+    ids = torch.tensor([request.prompt_ids])
+    with torch.inference_mode():
+        expected = harness.loaded.model(input_ids=ids).logits[0].float().log_softmax(-1)
+    for position, item in enumerate(reported[1:], start=1):
+        assert item.logprob == pytest.approx(expected[position - 1, item.token_id].item(), abs=1e-4)
+        top = expected[position - 1].topk(3)
+        assert [t.token_id for t in item.top] == top.indices.tolist()
+    assert reported[0].logprob == 0.0 and reported[0].top == ()
+
+
 @pytest.mark.parametrize("llm", ["qwen3", "llama", "phi3", "yi"])
 def test_other_llm_kinds_match_transformers_generate(llm: str, tmp_path) -> None:
     from model_runtime.loading.tiny import write_tiny_checkpoint

@@ -21,7 +21,7 @@ from model_runtime.engine.block_manager import KVCacheManager
 from model_runtime.engine.detokenizer import IncrementalDetokenizer
 from model_runtime.engine.guided import GuidedDecoding
 from model_runtime.engine.kv_cache import CacheShape, KVPool, blocks_for_budget
-from model_runtime.engine.runner import ModelRunner
+from model_runtime.engine.runner import ForwardOutput, ModelRunner
 from model_runtime.engine.sampler import make_generator
 from model_runtime.engine.scheduler import Chunk, Scheduler, StepCostModel, StepPlan, attention_pairs
 from model_runtime.engine.sequence import Request, Sequence
@@ -281,7 +281,7 @@ class Engine:
         self.runner.copy_blocks(plan.copies)
         started = time.perf_counter()
         try:
-            logits = self.runner.forward(plan.chunks)
+            output = self.runner.forward(plan.chunks)
         except Exception as exc:  # noqa: BLE001 - isolate the failure to the requests at fault
             if _is_fatal(exc):
                 raise FatalEngineError("unrecoverable device error") from exc
@@ -289,7 +289,7 @@ class Engine:
             return
         pairs = sum(attention_pairs(c.start, c.end) for c in plan.chunks)
         self.cost.observe_lm(plan.num_tokens, pairs, time.perf_counter() - started)
-        self._postprocess(plan.chunks, logits)
+        self._postprocess(plan.chunks, output)
 
     def _forward_each(self, plan: StepPlan) -> None:
         log.warning("packed forward failed; rerunning the step one request at a time", exc_info=True)
@@ -299,13 +299,18 @@ class Engine:
         for chunks in by_request.values():
             request = chunks[0].seq.request
             try:
-                logits = self.runner.forward(chunks)
+                output = self.runner.forward(chunks)
             except Exception as exc:  # noqa: BLE001
                 self._fail_or_die(request, exc)
                 continue
-            self._postprocess(chunks, logits)
+            self._postprocess(chunks, output)
 
-    def _postprocess(self, chunks: list[Chunk], logits: torch.Tensor) -> None:
+    def _postprocess(self, chunks: list[Chunk], output: ForwardOutput) -> None:
+        logits = output.logits
+        for index, sampled in output.prompt_logprobs.items():
+            chunk = chunks[index]
+            for offset, item in enumerate(sampled, start=chunk.start + 1):
+                chunk.seq.request.prompt_logprobs[offset] = self._logprob(item)
         self.scheduler.computed(chunks)
         rows: list[Sequence] = []
         row_logits: list[int] = []
@@ -407,9 +412,20 @@ class Engine:
             queue_time=queue_time,
             recomputed_tokens=request.num_recomputed_tokens,
             stats=self._finished_stats(request) if finished else None,
+            prompt_logprobs=self._prompt_logprobs(request) if deltas else None,
         )
         if request.sink is not None:
             request.sink(output)
+
+    def _prompt_logprobs(self, request: Request) -> list[TokenLogprob] | None:
+        """The prompt's tokens with their log-probabilities, once, on the first output with a
+        token (the whole prompt has been computed by then)."""
+        if request.params.prompt_logprobs is None or request.prompt_logprobs_reported:
+            return None
+        request.prompt_logprobs_reported = True
+        first = self._token_logprob(request.prompt_ids[0], 0.0)
+        found = request.prompt_logprobs
+        return [first, *(found[i] for i in range(1, request.prompt_len))]
 
     @staticmethod
     def _finished_stats(request: Request) -> FinishedRequestStats | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
+from dataclasses import dataclass
 
 import torch
 
@@ -21,6 +22,7 @@ from model_runtime.engine.guided import GuidedDecoding
 from model_runtime.engine.kv_cache import KVPool
 from model_runtime.engine.sampler import (
     BatchSamplingState,
+    SampledLogprob,
     apply_logit_bias,
     apply_penalties,
     compute_logprobs,
@@ -32,6 +34,14 @@ from model_runtime.engine.sequence import ImageSlot, Request, Sequence
 from model_runtime.engine.vision import VisionEncoder
 from model_runtime.engine.vision_cache import VisionFeatureCache
 from model_runtime.loading.checkpoint import LoadedCheckpoint
+
+_PROMPT_LOGPROB_ROWS = 256
+
+
+@dataclass
+class ForwardOutput:
+    logits: torch.Tensor  # [S, V]: the last token of each chunk that samples, in chunk order
+    prompt_logprobs: dict[int, list[SampledLogprob]]  # chunk index -> its prompt tokens' logprobs
 
 
 class _Rotary:
@@ -174,8 +184,9 @@ class ModelRunner:
         return torch.tensor(ids), torch.cat(positions), batch, images
 
     @torch.inference_mode()
-    def forward(self, chunks: Seq[Chunk]) -> torch.Tensor:
-        """Compute the chunks in one forward; logits [S, V] for the chunks that sample, in order."""
+    def forward(self, chunks: Seq[Chunk]) -> ForwardOutput:
+        """Compute the chunks in one forward: logits [S, V] for the chunks that sample, in order,
+        and the prompt log-probabilities of chunks whose requests ask for them."""
         ids, positions, batch, images = self._pack(chunks)
         embeds = self.embed(ids.to(self.device))  # [T, hidden]
         if images:
@@ -196,7 +207,28 @@ class ModelRunner:
         hidden = self.lm.norm(hidden)
         ends = list(itertools.accumulate(c.end - c.start for c in chunks))
         last = [end - 1 for end, chunk in zip(ends, chunks, strict=True) if chunk.samples]
-        return self.lm_head(hidden[0, torch.tensor(last, dtype=torch.long, device=hidden.device)])  # [S, V]
+        logits = self.lm_head(hidden[0, torch.tensor(last, dtype=torch.long, device=hidden.device)])  # [S, V]
+        prompt: dict[int, list[SampledLogprob]] = {}
+        for index, (end, chunk) in enumerate(zip(ends, chunks, strict=True)):
+            request = chunk.seq.request
+            if request.params.prompt_logprobs is not None and chunk.start < request.prompt_len - 1:
+                row = end - (chunk.end - chunk.start)
+                prompt[index] = self._prompt_logprobs(hidden[0, row:end], chunk, request)
+        return ForwardOutput(logits, prompt)
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, chunk: Chunk, request: Request) -> list[SampledLogprob]:
+        """Each prompt token after chunk.start, given what precedes it: row p predicts token p + 1.
+        The lm_head runs a slice of rows at a time: a whole 8k-token chunk's logits would take
+        gigabytes for a 150k vocabulary."""
+        stop = min(chunk.end, request.prompt_len - 1)
+        targets = torch.tensor(request.prompt_ids[chunk.start + 1 : stop + 1], device=hidden.device)
+        top = request.params.prompt_logprobs or 0
+        out: list[SampledLogprob] = []
+        for first in range(0, stop - chunk.start, _PROMPT_LOGPROB_ROWS):
+            last = min(first + _PROMPT_LOGPROB_ROWS, stop - chunk.start)
+            logits = self.lm_head(hidden[first:last])
+            out += compute_logprobs(logits, targets[first:last], [top] * (last - first))
+        return out
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         self.pool.copy_blocks(copies)

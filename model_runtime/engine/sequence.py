@@ -121,6 +121,10 @@ class Request:
     # variant) that makes the same tokens compute different keys and values.
     cache_root: bytes = b""
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (usage.cached_tokens)
+    # params.prompt_logprobs: one entry per prompt token from the second on, filled as chunks are
+    # computed (a recompute after preemption writes the same values again); reported once.
+    prompt_logprobs: dict[int, Any] = field(default_factory=dict)
+    prompt_logprobs_reported: bool = False
     num_recomputed_tokens: int = 0  # prompt tokens the prefix cache held but computed again
     num_preemptions: int = 0
     # The steps that sampled its first and its latest token (time.monotonic), for metrics.
