@@ -304,8 +304,9 @@ def format_loc(loc: Sequence[Any]) -> str:
             out += f"[{part}]"
         else:
             text = str(part)
-            # Discriminated unions repeat the tag (image_url.image_url); plain unions add a type name.
-            if text == previous or text in _TYPE_TAGS or "[" in text:
+            # Discriminated unions repeat the tag (image_url.image_url); plain unions add a type name
+            # (a builtin's, or a model class's: field names are never capitalized).
+            if text == previous or text in _TYPE_TAGS or "[" in text or text[:1].isupper():
                 continue
             out += f".{text}" if out else text
         previous = part
