@@ -51,11 +51,11 @@ from server.protocol import (
     NamedToolChoice,
     ResponseFormatJSONObject,
     ResponseFormatJSONSchema,
+    SamplingRequest,
     TextPart,
     VideoPart,
     VideoURL,
 )
-from server.protocol.completions import CompletionRequest
 from server.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ def video_tiles(video: VideoURL, info: ModelInfo) -> int | None:
 
 
 def sampling_params(
-    req: ChatCompletionRequest | CompletionRequest, settings: Settings, info: ModelInfo
+    req: SamplingRequest, settings: Settings, info: ModelInfo
 ) -> SamplingParams:
     """Validated SamplingParams; errors name the field the client actually sent."""
     ceiling = settings.max_tokens_ceiling or info.max_model_len

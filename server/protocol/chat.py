@@ -207,33 +207,25 @@ class StreamOptions(OpenAIRequestModel):
 
 
 # ---------------------------------------------------------------------------------------------
-# Request: the body of POST /v1/chat/completions.
+# Request: what chat completions and legacy completions share.
 
 
-class ChatCompletionRequest(OpenAIRequestModel):
-    """POST /v1/chat/completions."""
+class SamplingRequest(OpenAIRequestModel):
+    """The sampling fields of chat and legacy completions (OpenAI's names, then vLLM's extensions);
+    subclasses add their input, their output limit and their logprobs."""
 
-    messages: list[ChatMessage] = Field(min_length=1)
     model: str
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
-    logprobs: bool | None = None
-    max_completion_tokens: int | None = None
-    max_tokens: int | None = None  # deprecated by OpenAI in favour of max_completion_tokens
     n: int | None = None
     presence_penalty: float | None = None
-    response_format: ResponseFormat | None = None
     seed: int | None = None
     stop: list[str] | None = None  # a single string is accepted and stored as a list
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     temperature: float | None = None
-    top_logprobs: int | None = None
-    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
-    tools: list[ToolDef] | None = None
     top_p: float | None = None
     user: str | None = None
-    parallel_tool_calls: bool | None = None
 
     # --- extensions (vLLM's names) ---
     top_k: int | None = None
@@ -263,22 +255,20 @@ class ChatCompletionRequest(OpenAIRequestModel):
     @property
     def max_tokens_param(self) -> str:
         """The name the client used for the output limit, for error messages."""
-        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+        return "max_tokens"
 
     @property
     def requested_max_tokens(self) -> int | None:
-        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        return None
 
     @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
-    def to_sampling_params(self, *, default_max_tokens: int | None = None) -> SamplingParams:
-        """The engine's settings; not yet validated (call `.validate()`)."""
-        max_tokens = self.requested_max_tokens
+    def _sampling_params(self, max_tokens: int | None, logprobs: bool, top_logprobs: int) -> SamplingParams:
         return SamplingParams(
             n=1 if self.n is None else self.n,
-            max_tokens=default_max_tokens if max_tokens is None else max_tokens,
+            max_tokens=max_tokens,
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
             top_k=0 if self.top_k is None else self.top_k,
@@ -289,10 +279,45 @@ class ChatCompletionRequest(OpenAIRequestModel):
             frequency_penalty=self.frequency_penalty or 0.0,
             stop=tuple(self.stop or ()),
             stop_token_ids=tuple(self.stop_token_ids or ()),
-            logprobs=bool(self.logprobs),
-            top_logprobs=self.top_logprobs or 0,
+            logprobs=logprobs,
+            top_logprobs=top_logprobs,
             ignore_eos=self.ignore_eos,
             logit_bias=tuple((int(k), float(v)) for k, v in (self.logit_bias or {}).items()),
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Request: the body of POST /v1/chat/completions.
+
+
+class ChatCompletionRequest(SamplingRequest):
+    """POST /v1/chat/completions."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool | None = None
+    max_completion_tokens: int | None = None
+    max_tokens: int | None = None  # deprecated by OpenAI in favour of max_completion_tokens
+    response_format: ResponseFormat | None = None
+    top_logprobs: int | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    tools: list[ToolDef] | None = None
+    parallel_tool_calls: bool | None = None
+
+    @property
+    def max_tokens_param(self) -> str:
+        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def to_sampling_params(self, *, default_max_tokens: int | None = None) -> SamplingParams:
+        """The engine's settings; not yet validated (call `.validate()`)."""
+        max_tokens = self.requested_max_tokens
+        return self._sampling_params(
+            default_max_tokens if max_tokens is None else max_tokens,
+            bool(self.logprobs),
+            self.top_logprobs or 0,
         )
 
 
