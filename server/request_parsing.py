@@ -35,6 +35,9 @@ class BodyLimits:
     max_stop_token_ids: int
     max_text_bytes: int = 4 * 1024 * 1024
     max_tools: int = 128
+    # Token ids in one prompt (completions) or one /detokenize call: the model's context length,
+    # which no prompt can exceed anyway; None = unchecked.
+    max_prompt_tokens: int | None = None
 
 
 def _text_bytes(messages: list[Any]) -> int:
@@ -68,8 +71,25 @@ def _check_text(text: int, limits: BodyLimits, param: str) -> None:
         )
 
 
+def _check_token_ids(ids: list[Any], limits: BodyLimits, param: str) -> None:
+    """A list of token ids longer than the context is refused before pydantic reads every id."""
+    limit = limits.max_prompt_tokens
+    if limit is not None and len(ids) > limit:
+        raise BadRequestError(
+            f"The {param} has {len(ids)} tokens; this model's context is {limit} tokens.",
+            param=param,
+            code="context_length_exceeded",
+        )
+
+
 def _check_prompt(prompt: Any, limits: BodyLimits) -> None:
     """Legacy completions' prompt: a text, texts, token ids or lists of them."""
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+        _check_token_ids(prompt, limits, "prompt")
+    elif isinstance(prompt, list):
+        for item in prompt:
+            if isinstance(item, list):
+                _check_token_ids(item, limits, "prompt")
     if isinstance(prompt, str):
         _check_text(len(prompt.encode("utf-8", "surrogatepass")), limits, "prompt")
         return
@@ -95,6 +115,8 @@ def check_counts(data: Any, limits: BodyLimits) -> None:
         return  # the model validation says what is wrong with it
     if "prompt" in data:
         _check_prompt(data["prompt"], limits)
+    if isinstance(data.get("tokens"), list):  # /detokenize
+        _check_token_ids(data["tokens"], limits, "tokens")
     text_fields = [data.get(key) for key in ("input", "instructions")]
     _check_text(
         sum(len(t.encode("utf-8", "surrogatepass")) for t in text_fields if isinstance(t, str)),

@@ -40,7 +40,12 @@ class ServerState:
     def body_limits(self) -> BodyLimits:
         s = self.settings
         return BodyLimits(
-            s.max_messages, s.max_content_parts, s.max_stop_token_ids, s.max_text_bytes, s.max_tools
+            s.max_messages,
+            s.max_content_parts,
+            s.max_stop_token_ids,
+            s.max_text_bytes,
+            s.max_tools,
+            max_prompt_tokens=self.engine.info.max_model_len,
         )
 
     @property

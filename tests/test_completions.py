@@ -147,6 +147,8 @@ async def test_a_failure_mid_stream_is_an_error_event() -> None:
         ({"max_tokens": "8"}, "max_tokens", "invalid_type"),
         ({"logprobs": 6}, "logprobs", "integer_above_max_value"),
         ({"model": "nope"}, "model", "model_not_found"),
+        ({"prompt": [1] * 4097}, "prompt", "context_length_exceeded"),  # refused on the raw JSON
+        ({"prompt": [[1], [2] * 4097]}, "prompt", "context_length_exceeded"),
     ],
 )
 async def test_refusals_name_the_field(fields: dict[str, Any], param: str, code: str) -> None:
@@ -176,6 +178,7 @@ async def test_tokenize_detokenize_version_and_model_root() -> None:
         version = (await c.get("/version")).json()
         card = (await c.get(f"/v1/models/{MODEL}")).json()
         wrong = await c.post("/detokenize", json={"model": "nope", "tokens": [1]})
+        too_many = await c.post("/detokenize", json={"tokens": [1] * 4097})
     assert prompt == {"count": 2, "max_model_len": 4096, "tokens": [2, 3]}
     assert chat["tokens"] == [1, 2]
     assert both.status_code == 400
@@ -183,3 +186,4 @@ async def test_tokenize_detokenize_version_and_model_root() -> None:
     assert version["version"].count(".") >= 1
     assert card["root"] == "/models/InternVL3-8B"
     assert wrong.status_code == 404
+    assert too_many.status_code == 400 and too_many.json()["error"]["code"] == "context_length_exceeded"

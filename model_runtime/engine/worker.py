@@ -329,7 +329,11 @@ class Worker:
             raise InvalidRequestError(
                 f"token id {bad} is not in the vocabulary (0 to {known - 1})", param="tokens"
             )
-        return str(self.loaded.tokenizer.decode(token_ids))
+        # On the prompt threads, not the event loop: a context's worth of ids takes milliseconds.
+        future = self._prompts.submit(
+            f"detokenize-{uuid.uuid4().hex}", self.loaded.tokenizer.decode, token_ids
+        )
+        return str(await asyncio.wrap_future(future))
 
     async def abort(self, request_id: str, error: Exception | None = None) -> None:
         """Stop generating for the request; with `error`, its stream ends with a final output
