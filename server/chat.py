@@ -88,9 +88,7 @@ def video_tiles(video: VideoURL, info: ModelInfo) -> int | None:
     return None if video.max_dynamic_patch is None else min(video.max_dynamic_patch, info.max_tiles_per_image)
 
 
-def sampling_params(
-    req: SamplingRequest, settings: Settings, info: ModelInfo
-) -> SamplingParams:
+def sampling_params(req: SamplingRequest, settings: Settings, info: ModelInfo) -> SamplingParams:
     """Validated SamplingParams; errors name the field the client actually sent."""
     ceiling = settings.max_tokens_ceiling or info.max_model_len
     requested = req.requested_max_tokens
@@ -189,6 +187,13 @@ def check_request(req: ChatCompletionRequest) -> None:
             code="invalid_value",
         )
     for i, message in enumerate(req.messages):
+        if message.content == []:
+            raise BadRequestError(
+                f"Invalid 'messages[{i}].content': empty array. Expected an array with minimum length 1, "
+                "but got an empty array instead.",
+                param=f"messages[{i}].content",
+                code="empty_array",
+            )
         if message.content is None and not (message.role == "assistant" and message.tool_calls):
             raise BadRequestError(
                 f"Missing required parameter: 'messages[{i}].content'.",

@@ -40,6 +40,9 @@ from server.protocol.completions import Completion, CompletionChoice, Completion
 from server.settings import Settings
 
 MAX_LOGPROBS = 5  # OpenAI's limit for completions
+# Completions one request may ask for (prompts x n): a 32-prompt, n=8 request was 256 sequences
+# that slowed every other client's request for seconds.
+MAX_CHOICES = 64
 
 
 def check_request(req: CompletionRequest) -> None:
@@ -77,6 +80,14 @@ def check_request(req: CompletionRequest) -> None:
             param="max_tokens",
             code="integer_below_min_value",
         )
+    choices = len(req.prompts) * n
+    if choices > MAX_CHOICES:
+        raise BadRequestError(
+            f"This request asks for {choices} completions ({len(req.prompts)} prompts x n={n}); at most "
+            f"{MAX_CHOICES} per request. Send the prompts in several requests.",
+            param="prompt",
+            code="too_many_choices",
+        )
     if isinstance(req.prompt, list) and not req.prompt:
         raise BadRequestError(
             "Invalid 'prompt': empty array. Expected an array with minimum length 1, but got an empty "
@@ -87,8 +98,9 @@ def check_request(req: CompletionRequest) -> None:
 
 
 def as_prompt_error(exc: BaseException) -> BaseException:
-    """The engine names `messages` where a chat would have them; here that is the prompt."""
-    if isinstance(exc, RuntimeErrorBase | APIError) and (exc.param or "").startswith("messages"):
+    """The engine names `messages` where a chat would have them, and the detokenizer (echo) its
+    `tokens`; here that is the prompt."""
+    if isinstance(exc, RuntimeErrorBase | APIError) and (exc.param or "").startswith(("messages", "tokens")):
         exc.param = "prompt"
     return exc
 

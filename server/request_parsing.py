@@ -40,21 +40,50 @@ class BodyLimits:
     max_prompt_tokens: int | None = None
 
 
+def _utf8(text: str) -> int:
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
 def _text_bytes(messages: list[Any]) -> int:
-    """UTF-8 bytes of the messages' text (string contents and text parts)."""
+    """UTF-8 bytes of the messages' text: string contents and text parts, tool calls' arguments
+    (chat's tool_calls, the Responses API's function_call items) and tool results."""
     total = 0
     for message in messages:
-        content = message.get("content") if isinstance(message, dict) else None
+        if not isinstance(message, dict):
+            continue
+        content = message.get("content")
         if isinstance(content, str):
-            total += len(content.encode("utf-8", "surrogatepass"))
+            total += _utf8(content)
         elif isinstance(content, list):
             for part in content:
                 text = part.get("text") if isinstance(part, dict) else None
                 if isinstance(text, str):
-                    total += len(text.encode("utf-8", "surrogatepass"))
-        output = message.get("output") if isinstance(message, dict) else None  # a tool's result
-        if isinstance(output, str):
-            total += len(output.encode("utf-8", "surrogatepass"))
+                    total += _utf8(text)
+        for key in ("output", "arguments"):  # a tool's result; a function_call item's arguments
+            if isinstance(message.get(key), str):
+                total += _utf8(message[key])
+        calls = message.get("tool_calls")
+        for call in calls if isinstance(calls, list) else ():
+            function = call.get("function") if isinstance(call, dict) else None
+            arguments = function.get("arguments") if isinstance(function, dict) else None
+            if isinstance(arguments, str):
+                total += _utf8(arguments)
+    return total
+
+
+def _tool_bytes(tools: list[Any]) -> int:
+    """Bytes the tools' descriptions and parameter schemas add to the prompt (chat's
+    {"function": {...}} and the Responses API's flat tools alike)."""
+    total = 0
+    for tool in tools:
+        spec = tool.get("function", tool) if isinstance(tool, dict) else None
+        if not isinstance(spec, dict):
+            continue
+        for key in ("name", "description"):
+            if isinstance(spec.get(key), str):
+                total += _utf8(spec[key])
+        if spec.get("parameters") is not None:
+            total += _utf8(json.dumps(spec["parameters"], separators=(",", ":"), ensure_ascii=False))
     return total
 
 
@@ -124,22 +153,23 @@ def check_counts(data: Any, limits: BodyLimits) -> None:
         "input",
     )
     messages = data.get("messages")
+    where = "messages"
     if messages is None and isinstance(data.get("input"), list):
-        messages = data["input"]
+        messages, where = data["input"], "input"  # the Responses API's items
+    tools = data.get("tools")
+    if isinstance(tools, list) and len(tools) > limits.max_tools:
+        raise _too_many("tools", len(tools), limits.max_tools, "tools", "too_many_tools")
+    tool_text = _tool_bytes(tools) if isinstance(tools, list) else 0
+    _check_text(tool_text, limits, "tools")
     if isinstance(messages, list):
         if len(messages) > limits.max_messages:
-            raise _too_many("messages", len(messages), limits.max_messages, "messages", "too_many_messages")
+            raise _too_many(where, len(messages), limits.max_messages, where, "too_many_messages")
         parts = sum(
             len(m["content"]) for m in messages if isinstance(m, dict) and isinstance(m.get("content"), list)
         )
         if parts > limits.max_content_parts:
-            raise _too_many(
-                "content parts", parts, limits.max_content_parts, "messages", "too_many_content_parts"
-            )
-        _check_text(_text_bytes(messages), limits, "messages" if "messages" in data else "input")
-    tools = data.get("tools")
-    if isinstance(tools, list) and len(tools) > limits.max_tools:
-        raise _too_many("tools", len(tools), limits.max_tools, "tools", "too_many_tools")
+            raise _too_many("content parts", parts, limits.max_content_parts, where, "too_many_content_parts")
+        _check_text(_text_bytes(messages) + tool_text, limits, where)
     bias = data.get("logit_bias")
     if isinstance(bias, dict) and len(bias) > MAX_LOGIT_BIAS:
         raise _too_many("logit_bias entries", len(bias), MAX_LOGIT_BIAS, "logit_bias", "too_many_logit_bias")
@@ -188,12 +218,18 @@ def find_unencodable(value: Any, path: str = "") -> str | None:
     return None
 
 
+def _not_json(constant: str) -> Any:
+    """Python's decoder takes NaN and Infinity, which JSON does not have (a NaN temperature passed
+    every range check)."""
+    raise json.JSONDecodeError(f"{constant} is not a JSON number", constant, 0)
+
+
 def parse_body(body: bytes, model: type[Model], limits: BodyLimits) -> Model:
     """Decode, check and validate one body (blocking: run it off the loop when the body is large)."""
     if not body.strip():
         raise BadRequestError("A JSON request body is required.", code="missing_body")
     try:
-        data = json.loads(body)
+        data = json.loads(body, parse_constant=_not_json)
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise BadRequestError("The request body is not valid JSON.", code="invalid_json") from None
     except ValueError:  # an integer literal beyond Python's digit limit for conversions

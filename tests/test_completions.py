@@ -147,6 +147,7 @@ async def test_a_failure_mid_stream_is_an_error_event() -> None:
         ({"max_tokens": "8"}, "max_tokens", "invalid_type"),
         ({"logprobs": 6}, "logprobs", "integer_above_max_value"),
         ({"model": "nope"}, "model", "model_not_found"),
+        ({"prompt": ["a"] * 9, "n": 8}, "prompt", "too_many_choices"),
         ({"prompt": [1] * 4097}, "prompt", "context_length_exceeded"),  # refused on the raw JSON
         ({"prompt": [[1], [2] * 4097]}, "prompt", "context_length_exceeded"),
     ],

@@ -516,3 +516,27 @@ def test_completions_echo_logprobs_score_the_prompt(client: openai.OpenAI) -> No
     for lp, top in zip(logprobs.token_logprobs[1:], logprobs.top_logprobs[1:], strict=True):
         assert lp <= 0 and len(top) >= 1 and max(top.values()) >= lp - 1e-5
     assert again.choices[0].logprobs.token_logprobs == pytest.approx(logprobs.token_logprobs)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"prompt": [-1]},
+        {"prompt": [1, 2, -(2**63)]},
+        {"prompt": [[1, 2], [-3]]},
+        {"prompt": [10**7], "echo": True},
+    ],
+)
+def test_completions_refuse_ids_outside_the_vocabulary(server: ServerProcess, fields: dict[str, Any]) -> None:
+    with httpx.Client(base_url=server.base_url, timeout=30, trust_env=False) as c:
+        r = c.post("/v1/completions", json={"model": MODEL_NAME, "max_tokens": 2, **fields})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "prompt"
+
+
+def test_empty_content_array_is_refused(server: ServerProcess) -> None:
+    with httpx.Client(base_url=server.base_url, timeout=30, trust_env=False) as c:
+        r = c.post(
+            "/v1/chat/completions", json={"model": MODEL_NAME, "messages": [{"role": "user", "content": []}]}
+        )
+    assert r.status_code == 400 and r.json()["error"]["code"] == "empty_array"

@@ -23,8 +23,8 @@ from tests.openapi_spec import SPECS
 # (path, request schema, examples, served at least): chat gets the most examples; the Responses
 # API's requests are mostly hosted tools, stored prompts and conversations, which are refused.
 OPERATIONS = [
-    ("/v1/chat/completions", "CreateChatCompletionRequest", 120, 30),
-    ("/v1/completions", "CreateCompletionRequest", 80, 20),
+    ("/v1/chat/completions", "CreateChatCompletionRequest", 120, 20),
+    ("/v1/completions", "CreateCompletionRequest", 80, 12),
     ("/v1/responses", "CreateResponse", 60, 6),
 ]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import pytest
@@ -55,6 +56,25 @@ def test_a_long_text_is_refused_before_it_is_tokenized(loaded, no_work) -> None:
     with pytest.raises(PromptTooLongError, match="at least") as info:
         processor(loaded).process("r", user("word " * 200_000), SamplingParams(max_tokens=8))
     assert info.value.param == "messages"
+
+
+def test_tool_calls_and_tools_count_before_tokenizing(loaded, no_work) -> None:
+    """Arguments in the history and tool descriptions are rendered into the prompt: a long one is
+    refused by the lower bound too (pretty-printed JSON counted at its compact size)."""
+    from model_runtime.request import ToolCall, ToolSpec
+
+    arguments = json.dumps({"text": "word " * 100_000}, indent=4)
+    history = ChatInput(
+        (
+            Message("user", ("hi",)),
+            Message("assistant", (), tool_calls=(ToolCall("c1", "f", arguments),)),
+            Message("tool", ("ok",), tool_call_id="c1"),
+        )
+    )
+    tools = ChatInput((Message("user", ("hi",)),), tools=(ToolSpec("f", description="word " * 100_000),))
+    for chat in (history, tools):
+        with pytest.raises(PromptTooLongError, match="at least"):
+            processor(loaded).process("r", chat, SamplingParams(max_tokens=8))
 
 
 def test_too_many_image_tokens_are_refused_from_the_headers_alone(loaded, no_work) -> None:

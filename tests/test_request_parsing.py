@@ -39,6 +39,55 @@ def test_counts_are_refused_before_validation(fields, param, code) -> None:
     assert (caught.value.param, caught.value.code) == (param, code)
 
 
+SMALL_TEXT = BodyLimits(max_messages=2048, max_content_parts=4096, max_stop_token_ids=8, max_text_bytes=1000)
+CALL = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "x" * 600}}
+FAT_TOOL = {
+    "type": "function",
+    "function": {"name": "f", "description": "d" * 600, "parameters": {"p": "q" * 600}},
+}
+
+
+@pytest.mark.parametrize(
+    ("data", "param"),
+    [
+        ({"messages": [{"role": "assistant", "tool_calls": [CALL, CALL]}]}, "messages"),
+        ({"messages": [{"role": "user", "content": "hi"}], "tools": [FAT_TOOL]}, "tools"),
+        (
+            {"input": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": "x" * 1200}]},
+            "input",
+        ),
+        ({"input": [{"type": "function_call_output", "call_id": "c", "output": "x" * 1200}]}, "input"),
+        ({"input": "hi", "tools": [{"type": "function", "name": "f", "description": "d" * 1200}]}, "tools"),
+    ],
+)
+def test_tool_text_counts_against_the_text_limit_on_the_raw_json(data, param) -> None:
+    """16 x 1 MB of tool-call arguments or tool descriptions were tokenized for 20 s before their 400."""
+    from server.protocol.responses import ResponseRequest
+
+    model = ResponseRequest if "input" in data else ChatCompletionRequest
+    with pytest.raises(BadRequestError) as caught:
+        parse_body(json.dumps({"model": "m", **data}).encode(), model, SMALL_TEXT)
+    assert (caught.value.param, caught.value.code) == (param, "text_too_long")
+
+
+def test_responses_items_are_counted_as_input() -> None:
+    from server.protocol.responses import ResponseRequest
+
+    raw = json.dumps({"model": "m", "input": [{"role": "user", "content": "x"}] * 5}).encode()
+    with pytest.raises(BadRequestError) as caught:
+        parse_body(raw, ResponseRequest, LIMITS)
+    assert (caught.value.param, caught.value.code) == ("input", "too_many_messages")
+
+
+@pytest.mark.parametrize("constant", [b"NaN", b"Infinity", b"-Infinity"])
+def test_nan_and_infinity_are_not_json(constant: bytes) -> None:
+    """A NaN temperature passed every range check (comparisons with NaN are false) and ran 2 minutes."""
+    raw = b'{"model": "m", "messages": [{"role": "user", "content": "a"}], "temperature": ' + constant + b"}"
+    with pytest.raises(BadRequestError) as caught:
+        parse_body(raw, ChatCompletionRequest, LIMITS)
+    assert caught.value.code == "invalid_json"
+
+
 @pytest.mark.parametrize(
     ("raw", "param"),
     [

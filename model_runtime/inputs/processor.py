@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import threading
 import time
 from dataclasses import dataclass
@@ -78,6 +79,15 @@ def _added_tokens(tokenizer) -> list[str]:
     if hasattr(tokenizer, "added_tokens"):
         return list(tokenizer.added_tokens())
     return list(tokenizer.get_added_vocab())
+
+
+def _compact_json(text: str) -> str:
+    """`text` re-serialized without whitespace if that is shorter (and it parses), else as is."""
+    try:
+        compact = json.dumps(json.loads(text), separators=(",", ":"), ensure_ascii=False)
+    except (ValueError, RecursionError):
+        return text
+    return compact if len(compact) < len(text) else text
 
 
 class _Structured:
@@ -262,6 +272,14 @@ class Processor:
             return
         if chat.prompt is not None:
             texts.append(chat.prompt)
+        # Tool calls in the history and the tool list are rendered into the prompt too; JSON may be
+        # re-serialized there, so each counts at its most compact.
+        texts += [_compact_json(c.arguments) for m in chat.messages for c in m.tool_calls]
+        if chat.tool_choice != "none":
+            for tool in chat.tools:
+                texts += [tool.name, tool.description or ""]
+                if tool.parameters is not None:
+                    texts.append(json.dumps(tool.parameters, separators=(",", ":"), ensure_ascii=False))
 
         def fits(text_bytes: int) -> bool:
             return image_tokens + text_bytes // self.max_token_bytes + wanted <= limit
@@ -423,7 +441,12 @@ class Processor:
         else:
             ids = list(prompt)
             bad = next(
-                (t for t in ids if t >= self.vocab_size or t in markers or t == loaded.image_context_id), None
+                (
+                    t
+                    for t in ids
+                    if not 0 <= t < self.vocab_size or t in markers or t == loaded.image_context_id
+                ),
+                None,
             )
             if bad is not None:
                 raise InvalidRequestError(
