@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import anyio
+from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Message as ASGIMessage
@@ -415,7 +416,7 @@ class ChatService:
             completion = await collect(writer, n, run.first, run.outputs, tracker, run.images, run.tools)
         finally:
             await run.release()
-        return Response(completion.model_dump_json(), media_type="application/json")
+        return await json_response(completion)
 
     def check_ready(self) -> None:
         if self._engine.health != "ready":
@@ -429,6 +430,21 @@ class ChatService:
         for request_id in cut:
             await self._engine.abort(request_id, error)
         return len(cut)
+
+
+# Answers with more tokens than this are serialized on a worker thread: a 32-prompt echo with
+# logprobs is a hundred megabytes of JSON, seconds the event loop (and /health) would wait.
+LARGE_ANSWER_TOKENS = 4096
+
+
+async def json_response(body: BaseModel, tokens: int | None = None) -> Response:
+    """`body` as a JSON response; serialized off the event loop when it is large."""
+    usage = getattr(body, "usage", None)
+    if tokens is None and usage is not None:
+        tokens = getattr(usage, "total_tokens", None) or (usage.input_tokens + usage.output_tokens)
+    if (tokens or 0) > LARGE_ANSWER_TOKENS:
+        return Response(await anyio.to_thread.run_sync(body.model_dump_json), media_type="application/json")
+    return Response(body.model_dump_json(), media_type="application/json")
 
 
 async def from_first(

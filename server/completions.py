@@ -30,6 +30,7 @@ from server.chat import (
     cancel_on_disconnect,
     close_quietly,
     from_first,
+    json_response,
     sampling_params,
 )
 from server.chat_output import ChunkWriter, to_finish_reason, to_usage
@@ -298,7 +299,7 @@ class CompletionService:
             choices=[c for p in prompts for c in p.choices()],
             usage=total_usage(prompts),
         )
-        return Response(completion.model_dump_json(), media_type="application/json")
+        return await json_response(completion)
 
     async def _release(self, response_id: str, prompts: list[_Prompt]) -> None:
         for prompt in prompts:

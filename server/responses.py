@@ -36,6 +36,7 @@ from server.chat import (
     Started,
     cancel_on_disconnect,
     from_first,
+    json_response,
 )
 from server.chat_output import to_finish_reason
 from server.errors import (
@@ -552,7 +553,7 @@ class ResponseService:
         done = answer.complete(response, with_logprobs)
         tracker.finished(answer.last, [answer.finish or "stop"])  # type: ignore[arg-type]
         self._keep(done, conversation)
-        return Response(done.model_dump_json(), media_type="application/json")
+        return await json_response(done)
 
     def _keep(self, response: ResponseObject, conversation: list[dict[str, Any]]) -> None:
         if response.store:

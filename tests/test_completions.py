@@ -188,3 +188,25 @@ async def test_tokenize_detokenize_version_and_model_root() -> None:
     assert card["root"] == "/models/InternVL3-8B"
     assert wrong.status_code == 404
     assert too_many.status_code == 400 and too_many.json()["error"]["code"] == "context_length_exceeded"
+
+
+@pytest.mark.anyio
+async def test_large_answers_are_serialized_off_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    import server.chat
+
+    loop_thread = threading.get_ident()
+    threads: list[int] = []
+    real = server.protocol.completions.Completion.model_dump_json
+
+    def spy(self: Any, *args: Any, **kwargs: Any) -> str:
+        threads.append(threading.get_ident())
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(server.chat, "LARGE_ANSWER_TOKENS", 0)
+    monkeypatch.setattr(server.protocol.completions.Completion, "model_dump_json", spy)
+    async with client(make_app()) as c:
+        r = await c.post("/v1/completions", json=body("a b c"))
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == "echo: a b c"
+    assert threads and all(t != loop_thread for t in threads)
