@@ -225,6 +225,7 @@ def with_tools(chat: ChatInput, req: ChatCompletionRequest) -> ChatInput:
     else:
         choice_name = choice or "auto"
     messages = []
+    called = False  # an earlier assistant message made tool calls
     for i, (message, sent) in enumerate(zip(chat.messages, req.messages, strict=True)):
         if sent.tool_calls and sent.role != "assistant":
             raise BadRequestError(
@@ -238,6 +239,14 @@ def with_tools(chat: ChatInput, req: ChatCompletionRequest) -> ChatInput:
                 param=f"messages[{i}].tool_call_id",
                 code="invalid_value",
             )
+        if sent.role == "tool" and not called:
+            raise BadRequestError(
+                "Invalid parameter: messages with role 'tool' must be a response to a preceding message "
+                "with 'tool_calls'.",
+                param=f"messages[{i}].role",
+                code="invalid_value",
+            )
+        called = called or bool(sent.tool_calls)
         calls = tuple(ToolCall(c.id, c.function.name, c.function.arguments) for c in sent.tool_calls or ())
         messages.append(dataclasses.replace(message, tool_calls=calls, tool_call_id=sent.tool_call_id))
     specs = tuple(
@@ -342,7 +351,7 @@ class ChatService:
     def resolve_model(self, name: str) -> str:
         if name not in self._model_names:
             raise NotFoundError(
-                f"The model '{printable(name)}' does not exist.", param="model", code="model_not_found"
+                f"The model '{printable(name)[:200]}' does not exist.", param="model", code="model_not_found"
             )
         return name
 

@@ -146,12 +146,9 @@ def check_counts(data: Any, limits: BodyLimits) -> None:
         _check_prompt(data["prompt"], limits)
     if isinstance(data.get("tokens"), list):  # /detokenize
         _check_token_ids(data["tokens"], limits, "tokens")
-    text_fields = [data.get(key) for key in ("input", "instructions")]
-    _check_text(
-        sum(len(t.encode("utf-8", "surrogatepass")) for t in text_fields if isinstance(t, str)),
-        limits,
-        "input",
-    )
+    for key in ("input", "instructions"):  # the Responses API's texts
+        if isinstance(data.get(key), str):
+            _check_text(_utf8(data[key]), limits, key)
     messages = data.get("messages")
     where = "messages"
     if messages is None and isinstance(data.get("input"), list):

@@ -64,7 +64,7 @@ class ServerState:
     def model_card(self, name: str) -> ModelCard:
         if name not in self.model_names:
             raise NotFoundError(
-                f"The model '{printable(name)}' does not exist.", param="model", code="model_not_found"
+                f"The model '{printable(name)[:200]}' does not exist.", param="model", code="model_not_found"
             )
         return ModelCard(
             id=name,

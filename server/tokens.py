@@ -4,7 +4,7 @@ generation builds them (a chat's template, image and video tokens included)."""
 from __future__ import annotations
 
 from model_runtime.request import ChatInput
-from server.chat import ChatService, fetch_media, plan_messages
+from server.chat import ChatService, fetch_media, plan_messages, with_tools
 from server.completions import as_prompt_error
 from server.errors import BadRequestError
 from server.media import MediaFetcher
@@ -45,9 +45,9 @@ class TokenService:
             except Exception as exc:
                 raise as_prompt_error(exc) from None
         else:
-            chat = ChatCompletionRequest(model=req.model or "", messages=req.messages or [])
+            chat = ChatCompletionRequest(model=req.model or "", messages=req.messages or [], tools=req.tools)
             planned = plan_messages(chat, self._settings, engine.info)
-            ids = await engine.tokenize(await fetch_media(planned, self._fetcher))
+            ids = await engine.tokenize(with_tools(await fetch_media(planned, self._fetcher), chat))
         return TokenizeResponse(count=len(ids), max_model_len=engine.info.max_model_len, tokens=ids)
 
     async def detokenize(self, req: DetokenizeRequest) -> DetokenizeResponse:

@@ -1078,6 +1078,7 @@ async def test_tool_history_reaches_the_engine() -> None:
         ({"tools": [{"type": "retrieval"}]}, None),
         ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, None),
         ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].tool_call_id"),
+        ({"messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]}, "messages[0].role"),
         (
             {
                 "messages": [

@@ -540,3 +540,17 @@ def test_empty_content_array_is_refused(server: ServerProcess) -> None:
             "/v1/chat/completions", json={"model": MODEL_NAME, "messages": [{"role": "user", "content": []}]}
         )
     assert r.status_code == 400 and r.json()["error"]["code"] == "empty_array"
+
+
+def test_tokenize_counts_tools_and_tool_calls(client: openai.OpenAI, server: ServerProcess) -> None:
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    messages = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": "ok"},
+    ]
+    with httpx.Client(base_url=server.base_url, timeout=30, trust_env=False) as c:
+        counted = c.post("/tokenize", json={"messages": messages, "tools": [tool]}).json()
+    answer = chat(client, *messages, tools=[tool], max_tokens=1)
+    assert counted["count"] == answer.usage.prompt_tokens

@@ -440,18 +440,15 @@ class Processor:
             )
         else:
             ids = list(prompt)
+            known = len(loaded.tokenizer)  # logit rows past the tokenizer (a padded lm_head) are no text
             bad = next(
-                (
-                    t
-                    for t in ids
-                    if not 0 <= t < self.vocab_size or t in markers or t == loaded.image_context_id
-                ),
+                (t for t in ids if not 0 <= t < known or t in markers or t == loaded.image_context_id),
                 None,
             )
             if bad is not None:
                 raise InvalidRequestError(
-                    f"prompt token {bad} is not a text token of this model (the vocabulary has "
-                    f"{self.vocab_size} ids; image marker ids are not allowed)",
+                    f"prompt token {bad} is not a text token of this model (the tokenizer has {known} "
+                    "ids; image marker ids are not allowed)",
                     param="prompt",
                 )
         if not ids:

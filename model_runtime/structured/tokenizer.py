@@ -40,6 +40,9 @@ class Vocabulary:
     def __init__(self, tokenizer: Any, vocab_size: int, eos_ids: Sequence[int]) -> None:
         self._args = (tokenizer, vocab_size, tuple(eos_ids))
         self._known = len(tokenizer)
+        # Logprobs read a token's bytes for every alternative of every position (a scored 30k-token
+        # prompt with 5 alternatives: 180k reads), so each id is decoded once.
+        self._bytes: dict[int, bytes] = {}
         self._ll: LLTokenizer | None = None
         self._lock = threading.Lock()
 
@@ -54,6 +57,12 @@ class Vocabulary:
         self.ll  # noqa: B018 (built for its side effect)
 
     def token_bytes(self, token_id: int) -> bytes:
+        data = self._bytes.get(token_id)
+        if data is None:
+            data = self._bytes[token_id] = self._token_bytes(token_id)
+        return data
+
+    def _token_bytes(self, token_id: int) -> bytes:
         """What the token contributes to the text: a byte-level piece may be part of a character.
         Logit rows past the tokenizer's vocabulary (checkpoints pad the lm_head) stand for nothing."""
         if token_id >= self._known:

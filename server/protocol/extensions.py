@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from server.protocol.chat import ChatMessage, OpenAIRequestModel
+from server.protocol.chat import ChatMessage, OpenAIRequestModel, ToolDef
 
 
 class TokenizeRequest(OpenAIRequestModel):
@@ -18,6 +18,7 @@ class TokenizeRequest(OpenAIRequestModel):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(None, min_length=1)
+    tools: list[ToolDef] | None = None  # rendered into the prompt, as chat renders them
     add_special_tokens: Literal[True] = True  # the tokenizer's defaults, as generation uses them
 
 
