@@ -43,6 +43,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY server/ server/
 COPY model_runtime/ model_runtime/
+COPY batch/ batch/
 # A regular (not editable) install: the package lands in the venv and /src stays behind.
 RUN pip install --no-cache-dir /src
 

@@ -1,14 +1,20 @@
 #!/usr/bin/env bash
 # Set up .venv for internvl-serve: torch first, then the package (editable).
 #
-#   scripts/install.sh          runtime only (what `make serve` needs)
-#   scripts/install.sh --test   plus the test extra (what `make test` needs)
+#   scripts/install.sh              runtime only (what `make serve` needs)
+#   scripts/install.sh --test       plus the test extra (what `make test` needs)
+#   scripts/install.sh --examples   plus what examples/ import (what `make examples` needs)
 #
-# torch: when the venv has none, installs torch==2.13.0, which resolves to the CPU wheel shipped on
-# this project's machines; a plain `pip install torch` would pull a multi-GB CUDA build. On a GPU box
-# set TORCH_SPEC to what pip should install, e.g.
+# torch, when the venv has none (a plain `pip install torch` pulls a multi-GB CUDA build on Linux,
+# GPU or not):
+#   - pip configured with a mirror (index-url, extra-index-url or find-links, as on this project's
+#     machines): torch==2.13.0 from it, which there is the CPU wheel;
+#   - a GPU machine (nvidia-smi lists a GPU): torch==2.13.0 from PyPI, the CUDA build;
+#   - any other Linux machine: the CPU wheel, from https://download.pytorch.org/whl/cpu;
+#   - macOS: PyPI's torch (CPU and Apple GPU).
+# TORCH_SPEC overrides all of that, and is always applied when set (pip leaves a satisfied
+# requirement alone), e.g. a chosen CUDA build:
 #   TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128" scripts/install.sh
-# TORCH_SPEC is always applied when set (pip leaves a satisfied requirement alone).
 # Other knobs: VENV (default .venv), PYTHON (the interpreter that creates it, default python3).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -17,7 +23,8 @@ extra=""
 case "${1:-}" in
   "") ;;
   --test) extra="[test]" ;;
-  *) echo "usage: $0 [--test]" >&2; exit 2 ;;
+  --examples) extra="[examples]" ;;
+  *) echo "usage: $0 [--test | --examples]" >&2; exit 2 ;;
 esac
 
 venv="${VENV:-.venv}"
@@ -36,8 +43,28 @@ if [[ -n "${TORCH_SPEC:-}" ]]; then
   # shellcheck disable=SC2086
   "${pip[@]}" install $TORCH_SPEC
 elif ! "$python" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("torch") is None)'; then
-  echo "install: torch==2.13.0 (CPU)"
-  "${pip[@]}" install "torch==2.13.0"
+  torch_spec="torch==2.13.0"
+  gpu=""
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q '^GPU'; then
+    gpu="yes"
+  fi
+  # `config list` prints nothing under --quiet.
+  if "$python" -m pip config list 2>/dev/null | grep -Eq '(index-url|find-links)='; then
+    echo "install: $torch_spec from the configured pip mirror"
+    # Without a GPU, the CPU wheel when the mirror has it (2.13.0+cpu), else what it resolves to.
+    if [[ -n "$gpu" ]] || ! "${pip[@]}" install "$torch_spec+cpu" 2>/dev/null; then
+      "${pip[@]}" install "$torch_spec"
+    fi
+  elif [[ -n "$gpu" ]]; then
+    echo "install: $torch_spec, CUDA build (nvidia-smi lists a GPU)"
+    "${pip[@]}" install "$torch_spec"
+  elif [[ "$(uname -s)" == Linux ]]; then
+    echo "install: $torch_spec, CPU build (no GPU found; TORCH_SPEC chooses another)"
+    "${pip[@]}" install "$torch_spec" --index-url https://download.pytorch.org/whl/cpu
+  else
+    echo "install: $torch_spec"
+    "${pip[@]}" install "$torch_spec"
+  fi
 fi
 
 echo "install: internvl-serve${extra} (editable)"

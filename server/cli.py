@@ -15,7 +15,10 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Awaitable, Callable, Generator, Mapping, Sequence
+import types
+import typing
+from collections.abc import Awaitable, Callable, Collection, Generator, Mapping, Sequence
+from importlib.metadata import version as package_version
 from types import FrameType
 
 import uvicorn
@@ -33,6 +36,34 @@ DEMO_MODEL = "demo"
 DEAD_POLL_S = 1.0
 DEAD_EXIT_GRACE_S = 2.0  # time /health spends reporting 503 before the process exits
 FLAG_NAMES: dict[str, list[str]] = {"api_keys": ["--api-key", "--api-keys"]}
+# --help groups: (first setting of the group, title); a setting belongs to the last group started at
+# or before it in option_order(). A name that is no longer a setting simply starts no group.
+HELP_GROUPS: list[tuple[str, str]] = [
+    ("model", "serving"),
+    ("api_keys", "security"),
+    ("allowed_local_media_path", "media fetching and request limits"),
+    ("max_n", "generation limits"),
+    ("responses_store_max", "Responses API store"),
+    ("revision", "model loading"),
+    ("max_model_len", "engine: batching, KV cache and memory"),
+    ("max_tiles_per_image", "images and videos"),
+]
+METAVARS: dict[str, str] = {
+    "model": "DIR|HUB_ID|demo",
+    "served_model_name": "NAME",
+    "host": "ADDRESS",
+    "api_keys": "KEY",
+    "cors_allow_origins": "ORIGIN",
+    "allowed_local_media_path": "DIR",
+    "allowed_media_domains": "HOST",
+    "revision": "REF",
+    "dtype": "{auto,bfloat16,float16,float32}",
+    "device": "{auto,cuda,cuda:N,cpu}",
+    "device_map": "MAP",
+    "attn_implementation": "{auto,sdpa,eager,flash_attention_2}",
+    "template": "NAME",
+    "port": "PORT",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,36 +73,108 @@ def build_parser() -> argparse.ArgumentParser:
         description="OpenAI-compatible server for InternVL models. Every flag is also an INTERNVL_* "
         "environment variable and a key of the --config YAML file (CLI > env > file > defaults).",
     )
-    parser.add_argument(
-        "--config", default=argparse.SUPPRESS, help="YAML file of settings (env: INTERNVL_CONFIG)"
+    add_version_argument(parser)
+    add_settings_arguments(parser)
+    return parser
+
+
+def add_version_argument(parser: argparse.ArgumentParser) -> None:
+    version = f"%(prog)s {package_version('internvl-serve')}"
+    parser.add_argument("--version", action="version", version=version)
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser, skip: Collection[str] = ()) -> None:
+    """--config and one flag per Settings field but those in `skip`, in titled groups, each with its
+    type or choices (internvl-batch takes the same flags, less the HTTP server's own)."""
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    title = HELP_GROUPS[0][1]
+    starts = dict(HELP_GROUPS)
+    groups[title] = parser.add_argument_group(title)
+    groups[title].add_argument(
+        "--config",
+        default=argparse.SUPPRESS,
+        metavar="FILE",
+        help="YAML file of settings (env: INTERNVL_CONFIG)",
     )
     for name in option_order():
-        info = Settings.model_fields[name]
-        flags = FLAG_NAMES.get(name, ["--" + name.replace("_", "-")])
-        default = "(hidden)" if name == "api_keys" else info.get_default(call_default_factory=True)
-        help_text = f"{info.description or name.replace('_', ' ')} (default: {default})"
-        kind = field_kind(name)
-        if kind == "bool":
-            parser.add_argument(
-                *flags,
-                dest=name,
-                action=argparse.BooleanOptionalAction,
-                default=argparse.SUPPRESS,
-                help=help_text,
-            )
-        elif kind == "list":
-            parser.add_argument(
-                *flags,
-                dest=name,
-                nargs="+",
-                action="extend",
-                default=argparse.SUPPRESS,
-                metavar="VALUE",
-                help=help_text + "; several values, or comma-separated",
-            )
-        else:
-            parser.add_argument(*flags, dest=name, default=argparse.SUPPRESS, metavar="VALUE", help=help_text)
-    return parser
+        title = starts.get(name, title)
+        if name in skip:
+            continue
+        if title not in groups:
+            groups[title] = parser.add_argument_group(title)
+        _add_setting(groups[title], name)
+
+
+def _add_setting(group: argparse._ArgumentGroup, name: str) -> None:
+    info = Settings.model_fields[name]
+    flags = FLAG_NAMES.get(name, ["--" + name.replace("_", "-")])
+    default = "(hidden)" if name == "api_keys" else info.get_default(call_default_factory=True)
+    help_text = f"{info.description or name.replace('_', ' ')} (default: {default})"
+    kind = field_kind(name)
+    if kind == "bool":
+        group.add_argument(
+            *flags,
+            dest=name,
+            action=argparse.BooleanOptionalAction,
+            default=argparse.SUPPRESS,
+            help=help_text,
+        )
+        return
+    choices = setting_choices(name)
+    metavar = "{" + ",".join(choices) + "}" if choices else setting_metavar(name)
+    if kind == "list":
+        group.add_argument(
+            *flags,
+            dest=name,
+            nargs="+",
+            action="extend",
+            default=argparse.SUPPRESS,
+            metavar=metavar,
+            help=help_text + "; several values, or comma-separated",
+        )
+        return
+    group.add_argument(
+        *flags, dest=name, default=argparse.SUPPRESS, choices=choices, metavar=metavar, help=help_text
+    )
+
+
+def setting_choices(name: str) -> list[str] | None:
+    """The values a Literal setting takes ('none' too when it may be None); None for free values."""
+    values: list[str] = []
+    optional = False
+    for arg in _union_members(name):
+        if arg is type(None):
+            optional = True
+        elif typing.get_origin(arg) is typing.Literal:
+            values += [str(v) for v in typing.get_args(arg)]
+    if not values:
+        return None
+    return values + ["none"] if optional else values
+
+
+def setting_metavar(name: str) -> str:
+    """What --help shows for a free value: its unit when the name says it, else its type."""
+    if name in METAVARS:
+        return METAVARS[name]
+    for suffix, metavar in (("_s", "SECONDS"), ("_bytes", "BYTES"), ("_gib", "GIB"), ("_mib", "MIB")):
+        if name.endswith(suffix):
+            return metavar
+    for arg in _union_members(name):
+        if typing.get_origin(arg) is list:
+            arg = typing.get_args(arg)[0]
+        if arg is int:
+            return "INT"
+        if arg is float:
+            return "NUMBER"
+    return "TEXT"
+
+
+def _union_members(name: str) -> tuple[object, ...]:
+    """`X | None` and `Optional[Literal[...]]` alike -> their members; anything else -> itself."""
+    annotation = Settings.model_fields[name].annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return typing.get_args(annotation)
+    return (annotation,)
 
 
 def parse_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Settings:

@@ -15,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
+from starlette.routing import Match
 
 from model_runtime.errors import (
     EngineDeadError,
@@ -328,10 +329,41 @@ def _from_http_exception(exc: StarletteHTTPException) -> APIError:
     return InternalServerError()
 
 
+def route_not_found(request: Request) -> NotFoundError:
+    """404 for a path no route serves. A client whose base URL lacks `/v1` (or repeats it) is told
+    the base URL that works, since that is nearly always why its path is unknown."""
+    path = request.url.path
+    if path.startswith("/v1/v1/"):
+        fixed = path[len("/v1") :]
+    elif not path.startswith("/v1/"):
+        fixed = "/v1" + path
+    else:
+        fixed = ""
+    if fixed and _has_route(request, fixed):
+        base = str(request.base_url).rstrip("/") + "/v1"
+        return NotFoundError(
+            f"Not found: {request.method} {printable(path)[:200]}. The API's base URL is {base} "
+            f"(the route is {request.method} {fixed}); set your client's base_url to it.",
+            code="not_found",
+        )
+    return NotFoundError("Not found.", code="not_found")
+
+
+def _has_route(request: Request, path: str) -> bool:
+    scope = {"type": "http", "path": path, "method": request.method, "root_path": ""}
+    for route in request.app.router.routes:
+        match, _ = route.matches(scope)
+        if match != Match.NONE:
+            return True
+    return False
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Route every error the framework catches through `to_api_error`."""
 
     async def handle(request: Request, exc: Exception) -> JSONResponse:
+        if isinstance(exc, StarletteHTTPException) and exc.status_code == 404:
+            return error_response(route_not_found(request))
         return error_response(to_api_error(exc))
 
     for exc_type in (APIError, RuntimeErrorBase, RequestValidationError, StarletteHTTPException):

@@ -189,7 +189,9 @@ def field_kind(name: str) -> str:
 
 def is_optional(name: str) -> bool:
     annotation = Settings.model_fields[name].annotation
-    return isinstance(annotation, types.UnionType) and type(None) in typing.get_args(annotation)
+    # `Literal[...] | None` is a typing.Union, not a types.UnionType.
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    return union and type(None) in typing.get_args(annotation)
 
 
 def _coerce(name: str, raw: Any) -> Any:

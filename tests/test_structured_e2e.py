@@ -249,8 +249,17 @@ def test_llm_cli_schema(base_url: str, tmp_path: Path) -> None:
             "served",
             "--key",
             "unused",
-            "--schema",
-            "name, age int",
+            "--schema",  # bounded: a random model can write an unbounded string until max_tokens
+            json.dumps(
+                {
+                    "type": "object",
+                    "properties": {
+                        "name": {"type": "string", "maxLength": 16},
+                        "age": {"type": "integer", "minimum": 0, "maximum": 150},
+                    },
+                    "required": ["name", "age"],
+                }
+            ),
             "-o",
             "max_tokens",
             str(MAX_TOKENS),
