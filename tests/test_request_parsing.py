@@ -208,3 +208,28 @@ def test_a_number_with_too_many_digits_is_a_400_not_a_500() -> None:
     body = b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1' + b"0" * 5000 + b"}"
     with pytest.raises(BadRequestError, match="too many digits"):
         parse_body(body, ChatCompletionRequest, BodyLimits(10, 10, 4))
+
+
+def test_large_bodies_are_parsed_one_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """json.loads holds the GIL for a whole body: parsed side by side, eight 16 MB bodies kept the
+    event loop (and /health) waiting over a second."""
+    import server.request_parsing as parsing
+
+    running, peak = 0, 0
+
+    def slow_parse(body: bytes, model: type, limits: BodyLimits) -> str:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        time.sleep(0.02)
+        running -= 1
+        return "parsed"
+
+    monkeypatch.setattr(parsing, "parse_body", slow_parse)
+    big = b" " * (LARGE_BODY_BYTES + 1)
+
+    async def flood() -> list[str]:
+        return await asyncio.gather(*(parse_request(big, ChatCompletionRequest, LIMITS) for _ in range(6)))
+
+    assert asyncio.run(flood()) == ["parsed"] * 6
+    assert peak == 1
