@@ -48,8 +48,10 @@ elif ! "$python" -c 'import importlib.util, sys; sys.exit(importlib.util.find_sp
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q '^GPU'; then
     gpu="yes"
   fi
-  # `config list` prints nothing under --quiet.
-  if "$python" -m pip config list 2>/dev/null | grep -Eq '(index-url|find-links)='; then
+  # `config list` prints nothing under --quiet. Read whole before grep: `grep -q` closing the pipe
+  # early would fail pip with SIGPIPE, and under pipefail the mirror would go unseen.
+  pip_config="$("$python" -m pip config list 2>/dev/null || true)"
+  if grep -Eq '(index-url|find-links)=' <<<"$pip_config"; then
     echo "install: $torch_spec from the configured pip mirror"
     # Without a GPU, the CPU wheel when the mirror has it (2.13.0+cpu), else what it resolves to.
     if [[ -n "$gpu" ]] || ! "${pip[@]}" install "$torch_spec+cpu" 2>/dev/null; then
