@@ -21,9 +21,8 @@ import tempfile
 import time
 
 import torch
-from throughput import QUESTIONS, spread  # benchmarks/ is on sys.path when run as a script
+from throughput import QUESTIONS, spread, start_worker  # benchmarks/ is on sys.path when run as a script
 
-from model_runtime.config import EngineConfig
 from model_runtime.engine.worker import Worker
 from model_runtime.loading.tiny import write_tiny_checkpoint
 from model_runtime.request import ChatInput, Message, OutputFormat
@@ -88,15 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         path = write_tiny_checkpoint(tmp, layout="original", llm="qwen2", size=args.size, seed=0)
-        defaults = EngineConfig(model=str(path))
-        config = EngineConfig(
-            model=str(path),
-            device=args.device,
-            dtype=args.dtype,
-            max_num_seqs=max(defaults.max_num_seqs, args.concurrency),
-            vision_cache_mib=0,
-        )
-        worker = Worker.start(config)
+        worker = start_worker(path, args.device, args.dtype, args.concurrency)
         try:
             processor = worker.processor
             start = time.perf_counter()

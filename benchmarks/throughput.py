@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -190,6 +191,20 @@ def roofline_tokens_per_s(worker: Worker, chats: list[ChatInput], workload: Work
     return tokens / seconds
 
 
+def start_worker(path: str | Path, device: str, dtype: str, concurrency: int) -> Worker:
+    """A worker at the engine's default settings, but for the vision cache (the benchmarks' images
+    are distinct anyway), with max_num_seqs raised only if `concurrency` asks for more."""
+    defaults = EngineConfig(model=str(path))
+    config = EngineConfig(
+        model=str(path),
+        device=device,
+        dtype=dtype,
+        max_num_seqs=max(defaults.max_num_seqs, concurrency),
+        vision_cache_mib=0,
+    )
+    return Worker.start(config)
+
+
 def spread(values: list[float], unit: str = "") -> str:
     """Median and range of repeated measurements."""
     return f"{statistics.median(values):.2f}{unit} ({min(values):.2f}-{max(values):.2f})"
@@ -218,17 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         path = write_tiny_checkpoint(tmp, layout="original", llm="qwen2", size=args.size, seed=0)
-        # Default settings, but for the vision cache: the workload's images are distinct anyway, and
-        # with max_num_seqs raised only if a concurrency level asks for more than the default.
-        defaults = EngineConfig(model=str(path))
-        config = EngineConfig(
-            model=str(path),
-            device=args.device,
-            dtype=args.dtype,
-            max_num_seqs=max(defaults.max_num_seqs, *args.concurrency),
-            vision_cache_mib=0,
-        )
-        worker = Worker.start(config)
+        worker = start_worker(path, args.device, args.dtype, max(args.concurrency))
         device = worker.loaded.device
         print(f"# model: random InternVL '{args.size}', {args.dtype} on {device}; torch {torch.__version__}")
         pool = worker.engine.pool

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import anyio
-from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Message as ASGIMessage
@@ -57,6 +56,8 @@ from server.protocol import (
     VideoPart,
     VideoURL,
 )
+from server.protocol.completions import Completion
+from server.protocol.responses import ResponseObject
 from server.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -178,15 +179,20 @@ def plan_messages(
     return planned
 
 
-def check_request(req: ChatCompletionRequest) -> None:
-    """What OpenAI requires beyond each field's own type: content where a role needs it, and
-    stream_options only with stream."""
+def check_stream_options(req: SamplingRequest) -> None:
+    """OpenAI allows stream_options only with stream (chat and legacy completions alike)."""
     if req.stream_options is not None and not req.stream:
         raise BadRequestError(
             "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
             param="stream_options",
             code="invalid_value",
         )
+
+
+def check_request(req: ChatCompletionRequest) -> None:
+    """What OpenAI requires beyond each field's own type: content where a role needs it, and
+    stream_options only with stream."""
+    check_stream_options(req)
     for i, message in enumerate(req.messages):
         if message.content == []:
             raise BadRequestError(
@@ -446,12 +452,9 @@ class ChatService:
 LARGE_ANSWER_TOKENS = 4096
 
 
-async def json_response(body: BaseModel, tokens: int | None = None) -> Response:
+async def json_response(body: ChatCompletion | Completion | ResponseObject) -> Response:
     """`body` as a JSON response; serialized off the event loop when it is large."""
-    usage = getattr(body, "usage", None)
-    if tokens is None and usage is not None:
-        tokens = getattr(usage, "total_tokens", None) or (usage.input_tokens + usage.output_tokens)
-    if (tokens or 0) > LARGE_ANSWER_TOKENS:
+    if body.usage is not None and body.usage.total_tokens > LARGE_ANSWER_TOKENS:
         return Response(await anyio.to_thread.run_sync(body.model_dump_json), media_type="application/json")
     return Response(body.model_dump_json(), media_type="application/json")
 

@@ -28,6 +28,7 @@ from server.chat import (
     ChatService,
     EngineStreamResponse,
     cancel_on_disconnect,
+    check_stream_options,
     close_quietly,
     from_first,
     json_response,
@@ -69,12 +70,7 @@ def check_request(req: CompletionRequest) -> None:
             param="logprobs",
             code="integer_above_max_value" if req.logprobs > MAX_LOGPROBS else "integer_below_min_value",
         )
-    if req.stream_options is not None and not req.stream:
-        raise BadRequestError(
-            "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
-            param="stream_options",
-            code="invalid_value",
-        )
+    check_stream_options(req)
     if req.max_tokens == 0:
         raise BadRequestError(
             "Invalid 'max_tokens': integer below minimum value. Expected a value >= 1, but got 0 instead.",
@@ -239,10 +235,10 @@ class CompletionService:
             response = await cancel_on_disconnect(request, self._create(req, salt))
         except Exception as exc:
             err = to_api_error(as_prompt_error(exc))
-            self._metrics.track().failed(err.code or err.error_type)
+            self._metrics.error(err.code or err.error_type)
             raise err from None
         if response.status_code == CLIENT_CLOSED_REQUEST:
-            self._metrics.track().failed(DISCONNECTED)
+            self._metrics.error(DISCONNECTED)
         return response
 
     async def _create(self, req: CompletionRequest, cache_salt: str) -> Response:

@@ -120,7 +120,7 @@ def _check_prompt(prompt: Any, limits: BodyLimits) -> None:
             if isinstance(item, list):
                 _check_token_ids(item, limits, "prompt")
     if isinstance(prompt, str):
-        _check_text(len(prompt.encode("utf-8", "surrogatepass")), limits, "prompt")
+        _check_text(_utf8(prompt), limits, "prompt")
         return
     if not isinstance(prompt, list):
         return
@@ -129,7 +129,7 @@ def _check_prompt(prompt: Any, limits: BodyLimits) -> None:
     size = 0
     for item in prompt:
         if isinstance(item, str):
-            size += len(item.encode("utf-8", "surrogatepass"))
+            size += _utf8(item)
         elif isinstance(item, list):
             size += len(item)  # a token id stands for at least a byte of text
         else:

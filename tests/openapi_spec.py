@@ -86,6 +86,23 @@ def _sse_payloads(text: str) -> list[Any]:
     return payloads
 
 
+def _check_completion(payload: dict[str, Any], *, streamed: bool) -> None:
+    """CreateCompletionResponse, read as OpenAI writes it: an echoed prompt's first token has a null
+    logprob and null alternatives (nothing precedes it), and a streamed chunk's finish_reason is
+    null until its choice ends; the spec types the former as numbers and objects and has no
+    stream schema for the latter."""
+    for choice in payload["choices"]:
+        logprobs = choice.get("logprobs") or {}
+        if logprobs.get("token_logprobs") and logprobs["token_logprobs"][0] is None:
+            logprobs["token_logprobs"][0] = 0.0
+            logprobs["top_logprobs"][0] = {}
+        if streamed:
+            assert choice["finish_reason"] in (None, "stop", "length"), choice
+            if choice["finish_reason"] is None:
+                choice["finish_reason"] = "stop"
+    assert_conforms("CreateCompletionResponse", payload)
+
+
 def check_response(method: str, path: str, status: int, content_type: str, body: bytes) -> None:
     """Check one HTTP answer of the OpenAI routes against the spec: errors (any route) against
     ErrorResponse; chat completions, streamed chunk by chunk or whole; model listings."""
@@ -102,39 +119,14 @@ def check_response(method: str, path: str, status: int, content_type: str, body:
         else:
             assert_conforms("CreateChatCompletionResponse", json.loads(body))
     elif path == "/v1/completions" and method == "POST":
-        payloads = (
-            _sse_payloads(body.decode())
-            if content_type.startswith("text/event-stream")
-            else [json.loads(body)]
-        )
-        for payload in payloads:
-            for choice in payload.get("choices", []):
-                # OpenAI writes null for an echoed prompt's first token (nothing precedes it); its
-                # spec types these as numbers and objects.
-                logprobs = choice.get("logprobs") or {}
-                if logprobs.get("token_logprobs") and logprobs["token_logprobs"][0] is None:
-                    logprobs["token_logprobs"][0] = 0.0
-                    logprobs["top_logprobs"][0] = {}
-        body = (
-            json.dumps(payloads[0]).encode()
-            if not content_type.startswith("text/event-stream")
-            else ("".join(f"data: {json.dumps(p)}\n\n" for p in payloads).encode())
-        )
         if content_type.startswith("text/event-stream"):
             for payload in _sse_payloads(body.decode()):
                 if "error" in payload:
                     assert_conforms("ErrorResponse", payload)
-                    continue
-                # OpenAI streams completions as CreateCompletionResponse objects whose
-                # finish_reason is null until a choice ends; the spec has no stream schema.
-                for choice in payload["choices"]:
-                    assert choice["finish_reason"] in (None, "stop", "length"), choice
-                    choice.setdefault("finish_reason", None)
-                    if choice["finish_reason"] is None:
-                        choice["finish_reason"] = "stop"
-                assert_conforms("CreateCompletionResponse", payload)
+                else:
+                    _check_completion(payload, streamed=True)
         else:
-            assert_conforms("CreateCompletionResponse", json.loads(body))
+            _check_completion(json.loads(body), streamed=False)
     elif path == "/v1/responses" and method == "POST":
         if content_type.startswith("text/event-stream"):
             for payload in _sse_payloads(body.decode()):
@@ -183,3 +175,12 @@ class SpecCheckingTransport(httpx.HTTPTransport):
         return httpx.Response(
             response.status_code, headers=response.headers, content=body, extensions=response.extensions
         )
+
+
+def checked_openai(base_url: str, timeout: float = 120) -> Any:
+    """The official openai client over SpecCheckingTransport: every answer it gets is checked.
+    `base_url` ends in /v1."""
+    import openai
+
+    checked = httpx.Client(transport=SpecCheckingTransport(), timeout=timeout, trust_env=False)
+    return openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, http_client=checked)

@@ -20,7 +20,7 @@ import openai
 import pytest
 
 from model_runtime.inputs.tiling import choose_grid
-from tests.openapi_spec import SpecCheckingTransport
+from tests.openapi_spec import checked_openai
 from tests.server_process import (
     API_KEY,
     KEYED,
@@ -67,10 +67,7 @@ def server(servers: SharedServers) -> ServerProcess:
 
 @pytest.fixture(scope="module")
 def client(server: ServerProcess) -> Iterator[openai.OpenAI]:
-    checked = httpx.Client(transport=SpecCheckingTransport(), timeout=60, trust_env=False)
-    with openai.OpenAI(
-        base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, http_client=checked
-    ) as c:
+    with checked_openai(f"{server.base_url}/v1", timeout=60) as c:
         yield c
 
 

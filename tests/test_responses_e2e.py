@@ -8,12 +8,11 @@ import asyncio
 from collections.abc import Iterator
 from typing import Annotated
 
-import httpx
 import openai
 import pydantic
 import pytest
 
-from tests.openapi_spec import SpecCheckingTransport
+from tests.openapi_spec import checked_openai
 from tests.server_process import (
     MAIN,
     SERVED_MODEL_NAME,
@@ -48,10 +47,7 @@ def server(request: pytest.FixtureRequest) -> ServerProcess:
 
 @pytest.fixture(scope="module")
 def client(server: ServerProcess) -> Iterator[openai.OpenAI]:
-    checked = httpx.Client(transport=SpecCheckingTransport(), timeout=120, trust_env=False)
-    with openai.OpenAI(
-        base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, http_client=checked
-    ) as c:
+    with checked_openai(f"{server.base_url}/v1") as c:
         yield c
 
 

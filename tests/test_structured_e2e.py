@@ -21,7 +21,7 @@ import openai
 import pydantic
 import pytest
 
-from tests.openapi_spec import SpecCheckingTransport
+from tests.openapi_spec import SpecCheckingTransport, checked_openai
 from tests.server_process import (
     MAIN,
     SERVED_MODEL_NAME,
@@ -86,8 +86,7 @@ def base_url(server: ServerProcess) -> str:
 
 @pytest.fixture(scope="module")
 def client(base_url: str) -> Iterator[openai.OpenAI]:
-    checked = httpx.Client(transport=SpecCheckingTransport(), timeout=120, trust_env=False)
-    with openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, http_client=checked) as c:
+    with checked_openai(base_url) as c:
         yield c
 
 
@@ -202,7 +201,6 @@ def test_instructor_default_mode(base_url: str) -> None:
 
 @pytest.mark.parametrize("method", ["json_schema", "function_calling"])
 def test_langchain_with_structured_output(base_url: str, method: str) -> None:
-    import httpx
     from langchain_openai import ChatOpenAI
 
     with httpx.Client(
