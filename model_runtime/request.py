@@ -6,7 +6,7 @@ The server turns an OpenAI request into a `ChatInput` + `SamplingParams`; the wo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 
@@ -106,6 +106,44 @@ class TokenLogprob:
     top: tuple[TokenLogprob, ...] = ()
 
 
+@dataclass
+class PromptLogprobs:
+    """Each prompt token's log-probability given the tokens before it, in columns, with `top_k`
+    alternatives per token from the second on (the first has none and logprob 0.0: nothing comes
+    before it). Columns, not an object per token: a scored 30k-token prompt as TokenLogprobs is
+    ~200k objects that every full garbage collection walks (eight such prompts made collections
+    of 0.7 s, the event loop waiting); as columns of shared strings and floats it is a handful."""
+
+    top_k: int
+    token_ids: list[int] = field(default_factory=list)
+    tokens: list[str] = field(default_factory=list)
+    token_bytes: list[bytes] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    # top_k entries per token from the second on, most likely first, flattened
+    top_ids: list[int] = field(default_factory=list)
+    top_tokens: list[str] = field(default_factory=list)
+    top_logprobs: list[float] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    def truncate(self, length: int) -> None:
+        """Keep the first `length` tokens (a prompt recomputed after preemption is written again)."""
+        k = self.top_k * max(0, length - 1)
+        for column in (self.token_ids, self.tokens, self.token_bytes, self.logprobs):
+            del column[length:]
+        for column in (self.top_ids, self.top_tokens, self.top_logprobs):
+            del column[k:]
+
+    def top(self, position: int) -> list[tuple[str, float]]:
+        """The alternatives (token, logprob) at `position` (none at 0)."""
+        if position == 0:
+            return []
+        first = (position - 1) * self.top_k
+        last = first + self.top_k
+        return list(zip(self.top_tokens[first:last], self.top_logprobs[first:last], strict=True))
+
+
 FinishReason = Literal["stop", "length", "abort", "error"]
 
 
@@ -150,10 +188,9 @@ class RequestOutput:
     # prompt token, whose logits are needed (0 or block_size).
     recomputed_tokens: int = 0
     stats: FinishedRequestStats | None = None  # on the finished output of a completed request
-    # With params.prompt_logprobs: every prompt token with its log-probability given the tokens
-    # before it; the first has none (nothing comes before it: logprob 0.0, no alternatives). Sent
-    # on the first output that carries a token, then None.
-    prompt_logprobs: list[TokenLogprob] | None = None
+    # With params.prompt_logprobs: every prompt token's log-probability given the tokens before it.
+    # Sent on the first output that carries a token, then None.
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 @dataclass

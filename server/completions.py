@@ -15,21 +15,24 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
+import anyio
 from starlette.requests import Request
 from starlette.responses import Response
 
 from model_runtime.errors import RuntimeErrorBase
-from model_runtime.request import ChatInput, RequestOutput
+from model_runtime.request import ChatInput, PromptLogprobs, RequestOutput
 from model_runtime.request import TokenLogprob as EngineTokenLogprob
 from model_runtime.sampling_params import SamplingParams
 from server.chat import (
     CLIENT_CLOSED_REQUEST,
     DISCONNECTED,
+    LARGE_ANSWER_TOKENS,
     ChatService,
     EngineStreamResponse,
     cancel_on_disconnect,
     check_stream_options,
     close_quietly,
+    dump_in_pieces,
     from_first,
     json_response,
     sampling_params,
@@ -102,20 +105,39 @@ def as_prompt_error(exc: BaseException) -> BaseException:
     return exc
 
 
-def to_completion_logprobs(
-    items: list[EngineTokenLogprob], offset: int, *, prompt: bool = False
-) -> CompletionLogprobs:
+def to_completion_logprobs(items: list[EngineTokenLogprob], offset: int) -> CompletionLogprobs:
     """The legacy column layout; `text_offset` counts characters from the start of the choice's
-    text, as OpenAI does. For an echoed prompt the first token has no log-probability (null)."""
+    text, as OpenAI does."""
     out = CompletionLogprobs()
-    for position, item in enumerate(items):
+    for item in items:
         out.text_offset.append(offset)
         out.tokens.append(item.token)
-        first = prompt and position == 0
-        out.token_logprobs.append(None if first else item.logprob)
-        out.top_logprobs.append(None if first else {top.token: top.logprob for top in item.top})
+        out.token_logprobs.append(item.logprob)
+        out.top_logprobs.append({top.token: top.logprob for top in item.top})
         offset += len(item.token_bytes.decode("utf-8", errors="ignore"))
     return out
+
+
+def prompt_completion_logprobs(scored: PromptLogprobs) -> CompletionLogprobs:
+    """An echoed prompt's log-probabilities in the legacy layout: the first token has none (null)."""
+    offsets = [0]
+    for data in scored.token_bytes[:-1]:
+        offsets.append(offsets[-1] + len(data.decode("utf-8", errors="ignore")))
+    k = scored.top_k
+    tops = (
+        [
+            dict(zip(scored.top_tokens[i : i + k], scored.top_logprobs[i : i + k], strict=True))
+            for i in range(0, len(scored.top_tokens), k)
+        ]
+        if k
+        else [{} for _ in range(len(scored) - 1)]
+    )
+    return CompletionLogprobs(
+        text_offset=offsets,
+        tokens=list(scored.tokens),
+        token_logprobs=[None, *scored.logprobs[1:]],
+        top_logprobs=[None, *tops],
+    )
 
 
 class _Prompt:
@@ -147,7 +169,7 @@ class _Prompt:
             for column in ("text_offset", "tokens", "token_logprobs", "top_logprobs"):
                 getattr(whole, column).extend(getattr(logprobs, column))
 
-    def add(self, out: RequestOutput) -> list[CompletionChoice]:
+    async def add(self, out: RequestOutput) -> list[CompletionChoice]:
         """Record one engine output; returns what it adds as stream choices."""
         if out.error is not None:
             raise out.error
@@ -157,8 +179,11 @@ class _Prompt:
         choices = []
         if first and self.echo is not None:
             echoed = None
-            if out.prompt_logprobs is not None:
-                echoed = to_completion_logprobs(out.prompt_logprobs, 0, prompt=True)
+            scored = out.prompt_logprobs
+            if scored is not None and len(scored) > LARGE_ANSWER_TOKENS:  # 0.1 s for 30k tokens
+                echoed = await anyio.to_thread.run_sync(prompt_completion_logprobs, scored)
+            elif scored is not None:
+                echoed = prompt_completion_logprobs(scored)
             for i in range(self.n):
                 self._record(i, self.echo, echoed)
                 choices.append(
@@ -280,7 +305,7 @@ class CompletionService:
         try:
             for prompt, first in zip(prompts, firsts, strict=True):
                 async for out in from_first(first, prompt.outputs):
-                    prompt.add(out)
+                    await prompt.add(out)
         except BaseException as exc:
             code = DISCONNECTED if isinstance(exc, asyncio.CancelledError) else None
             for prompt in prompts:
@@ -316,7 +341,14 @@ class CompletionService:
                 choices=choices,
                 usage=usage,
             )
-            return f"data: {body.model_dump_json(exclude=None if usage else {'usage'})}\n\n"
+            return f"data: {dump_in_pieces(body, exclude=None if usage else {'usage'})}\n\n"
+
+        async def render(choices: list[CompletionChoice]) -> str:
+            """A chunk; off the event loop when it carries a long prompt's log-probabilities."""
+            scored = sum(len(c.logprobs.tokens) for c in choices if c.logprobs is not None)
+            if scored > LARGE_ANSWER_TOKENS:
+                return await anyio.to_thread.run_sync(chunk, choices)
+            return chunk(choices)
 
         queue: asyncio.Queue[tuple[_Prompt, RequestOutput | BaseException | None]] = asyncio.Queue()
 
@@ -338,9 +370,9 @@ class CompletionService:
                     continue
                 if isinstance(item, BaseException):
                     raise item
-                choices = prompt.add(item)
+                choices = await prompt.add(item)
                 if choices:
-                    yield chunk(choices)
+                    yield await render(choices)
             if include_usage:
                 yield chunk([], total_usage(prompts))
         except Exception as exc:

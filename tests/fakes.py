@@ -18,6 +18,7 @@ from model_runtime.request import (
     FinishedRequestStats,
     FinishReason,
     ImageInput,
+    PromptLogprobs,
     RequestOutput,
     TokenLogprob,
     VideoInput,
@@ -50,23 +51,23 @@ def answer_tokens(chat: ChatInput, index: int, n: int) -> list[str]:
     return [w if i == 0 else f" {w}" for i, w in enumerate(words)]
 
 
-def prompt_logprobs(chat: ChatInput, params: SamplingParams) -> list[TokenLogprob] | None:
+def prompt_logprobs(chat: ChatInput, params: SamplingParams) -> PromptLogprobs | None:
     """The prompt's words as tokens: the first with logprob 0 (none), the others -0.25, with
     `prompt_logprobs` alternatives."""
     if params.prompt_logprobs is None:
         return None
     words = chat.prompt.split() if isinstance(chat.prompt, str) else [f"t{t}" for t in chat.prompt or ()]
-    out = []
+    out = PromptLogprobs(top_k=params.prompt_logprobs)
     for i, word in enumerate(words):
-        top = (
-            ()
-            if i == 0
-            else tuple(
-                TokenLogprob(900 + j, f"p{j}", -1.0 - j, f"p{j}".encode())
-                for j in range(params.prompt_logprobs)
-            )
-        )
-        out.append(TokenLogprob(len(word), word, 0.0 if i == 0 else -0.25, word.encode(), top))
+        out.token_ids.append(len(word))
+        out.tokens.append(word)
+        out.token_bytes.append(word.encode())
+        out.logprobs.append(0.0 if i == 0 else -0.25)
+        if i:
+            for j in range(params.prompt_logprobs):
+                out.top_ids.append(900 + j)
+                out.top_tokens.append(f"p{j}")
+                out.top_logprobs.append(-1.0 - j)
     return out
 
 

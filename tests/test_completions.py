@@ -3,10 +3,15 @@ answer is checked against OpenAI's spec by the client (tests/app_client.py)."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
 
+from server.chat import dump_in_pieces
+from server.protocol.chat import Usage
+from server.protocol.completions import Completion, CompletionChoice, CompletionLogprobs
+from server.protocol.responses import OutputMessage, OutputTextContent, ResponseObject
 from tests.app_client import MODEL, client, make_app
 from tests.fakes import FakeEngine, parse_sse
 
@@ -210,3 +215,20 @@ async def test_large_answers_are_serialized_off_the_event_loop(monkeypatch: pyte
         r = await c.post("/v1/completions", json=body("a b c"))
     assert r.status_code == 200 and r.json()["choices"][0]["text"] == "echo: a b c"
     assert threads and all(t != loop_thread for t in threads)
+
+
+def test_large_answers_are_serialized_item_by_item_to_the_same_json() -> None:
+    logprobs = CompletionLogprobs(
+        text_offset=[0, 1], tokens=["a", "é"], token_logprobs=[None, -0.5], top_logprobs=[None, {"é": -0.5}]
+    )
+    choices = [
+        CompletionChoice(index=i, text="aé", logprobs=logprobs, finish_reason="length") for i in range(3)
+    ]
+    usage = Usage(prompt_tokens=2, completion_tokens=3, total_tokens=5)
+    completion = Completion(id="cmpl-1", created=1, model="m", choices=choices, usage=usage)
+    assert json.loads(dump_in_pieces(completion)) == json.loads(completion.model_dump_json())
+    no_usage = json.loads(dump_in_pieces(completion, exclude={"usage"}))
+    assert no_usage == json.loads(completion.model_dump_json(exclude={"usage"})) and "usage" not in no_usage
+    message = OutputMessage(id="msg", status="completed", content=[OutputTextContent(text="hi")])
+    response = ResponseObject(id="r", created_at=0, status="completed", model="m", output=[message])
+    assert json.loads(dump_in_pieces(response)) == json.loads(response.model_dump_json())

@@ -308,15 +308,20 @@ def test_prompt_logprobs_equal_one_plain_forward(tmp_path) -> None:
     harness.run()
     assert request.prompt_len > 80 and request.num_cached_tokens == 0  # three chunks, none cached
     (reported,) = [o.prompt_logprobs for o in harness.outputs["p"] if o.prompt_logprobs is not None]
-    assert [item.token_id for item in reported] == request.prompt_ids
+    assert reported.token_ids == request.prompt_ids
     ids = torch.tensor([request.prompt_ids])
     with torch.inference_mode():
         expected = harness.loaded.model(input_ids=ids).logits[0].float().log_softmax(-1)
-    for position, item in enumerate(reported[1:], start=1):
-        assert item.logprob == pytest.approx(expected[position - 1, item.token_id].item(), abs=1e-4)
+    vocabulary = harness.engine.vocabulary
+    for position in range(1, len(reported)):
+        token_id = reported.token_ids[position]
+        assert reported.logprobs[position] == pytest.approx(expected[position - 1, token_id].item(), abs=1e-4)
+        assert reported.tokens[position] == vocabulary.token_text(token_id)
         top = expected[position - 1].topk(3)
-        assert [t.token_id for t in item.top] == top.indices.tolist()
-    assert reported[0].logprob == 0.0 and reported[0].top == ()
+        assert reported.top_ids[(position - 1) * 3 : position * 3] == top.indices.tolist()
+        assert [lp for _, lp in reported.top(position)] == pytest.approx(top.values.tolist(), abs=1e-4)
+    assert reported.logprobs[0] == 0.0 and reported.top(0) == []
+    assert len(reported.top_tokens) == 3 * (len(reported) - 1)
 
 
 @pytest.mark.parametrize("llm", ["qwen3", "llama", "phi3", "yi"])

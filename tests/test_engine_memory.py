@@ -87,7 +87,8 @@ def test_preemption_recomputes_without_changing_the_answers(checkpoint) -> None:
 def test_n_choices_share_the_prompts_blocks(checkpoint) -> None:
     harness = Harness(checkpoint, enable_prefix_caching=False)
     request = harness.add("n3", CHATS["one image"], SamplingParams(n=3, max_tokens=12, temperature=0.0))
-    harness.engine.step()  # the prompt (it fits one step) and the first token of every choice
+    while not all(seq.output_ids for seq in request.seqs):  # the prompt, then every choice's first token
+        harness.engine.step()
     tables = [seq.block_table for seq in request.seqs]
     full = request.prompt_len // harness.engine.kv.block_size
     assert tables[0][:full] == tables[1][:full] == tables[2][:full]

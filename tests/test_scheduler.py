@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from model_runtime.engine.block_manager import KVCacheManager
-from model_runtime.engine.scheduler import Scheduler, StepCostModel, StepPlan
+from model_runtime.engine.scheduler import Scheduler, StepCostModel, StepPlan, attention_pairs
 from model_runtime.engine.sequence import ImageSlot, Request, Sequence, Status
 from model_runtime.errors import InvalidRequestError, PromptTooLongError, QueueFullError
 from model_runtime.sampling_params import SamplingParams
@@ -48,16 +48,22 @@ def make_request(
 
 
 class FixedCost(StepCostModel):
-    """A cost model with known costs: per step `base`, per token `token_s`, per tile `tile_s`."""
+    """A cost model with known costs: per step `base`, per token `token_s`, per attention pair
+    `pair_s`, per scored prompt token `score_s`, per tile `tile_s`."""
 
     def __init__(
         self, target_s: float | None, *, max_tokens: int = 10_000, max_tiles: int = 100, **costs: float
     ):
         super().__init__(target_s, max_tokens=max_tokens, max_tiles=max_tiles, min_tokens=4)
-        self.costs = (costs.get("base", 0.0), costs.get("token_s", 0.001), costs.get("pair_s", 0.0))
+        self.costs = (
+            costs.get("base", 0.0),
+            costs.get("token_s", 0.001),
+            costs.get("pair_s", 0.0),
+            costs.get("score_s", 0.0),
+        )
         self.tile = costs.get("tile_s", 0.01)
 
-    def _weights(self) -> tuple[float, float, float]:
+    def _weights(self) -> tuple[float, float, float, float]:
         return self.costs
 
     @property
@@ -230,14 +236,16 @@ def test_admission_waits_for_blocks_first_come_first_served() -> None:
     assert [r.request_id for r in engine.finished] == [big.request_id, second.request_id, third.request_id]
 
 
-def test_step_time_budget_limits_prefill_and_tiles_only_while_decoding() -> None:
+def test_step_time_budget_limits_prefill_and_tiles() -> None:
     sched = make_scheduler(max_num_batched_tokens=1000, max_model_len=512, blocks=400, target_s=0.1)
     sched.cost = FixedCost(0.1, base=0.01, token_s=0.001, tile_s=0.02)
     engine = FakeEngine(sched)
-    alone = make_request(300, max_tokens=50)
+    alone = make_request(150, max_tokens=50)
     sched.add(alone)
     plan = engine.step()
-    assert plan.num_tokens == 300  # nothing decoding: no time limit
+    assert plan.num_tokens == 100  # nothing decoding: the (fixed) target still bounds the step
+    plan = engine.step()
+    assert plan.num_tokens == 50
     sched.add(make_request(300, max_tokens=4, images=[("img", 10, 10, 4)]))
     plan = engine.step()
     # 0.1 s - (0.01 + 1 decode * 0.001): 4 tiles (0.08 s), then what is left buys prefill tokens.
@@ -245,6 +253,48 @@ def test_step_time_budget_limits_prefill_and_tiles_only_while_decoding() -> None
     prefill = plan.num_tokens - 1
     assert 4 <= prefill <= 10
     assert sched.cost.lm_seconds(plan.num_tokens, 0) + plan.num_tiles * 0.02 <= 0.1 + 4 * 0.001
+
+
+def test_idle_steps_are_held_near_the_idle_target() -> None:
+    sched = make_scheduler(max_num_batched_tokens=1000, max_model_len=1024, blocks=400)
+    sched.cost = FixedCost(None, token_s=0.001)
+    sched.cost.idle_s = 0.2
+    engine = FakeEngine(sched)
+    sched.add(make_request(500, max_tokens=4))
+    assert [engine.step().num_tokens for _ in range(3)] == [200, 200, 100]
+
+
+def test_a_request_waiting_behind_a_long_prompt_joins_the_next_step() -> None:
+    sched = make_scheduler(max_num_batched_tokens=1000, max_model_len=1024, blocks=400, prefix_caching=False)
+    sched.cost = FixedCost(None, token_s=0.001)
+    sched.cost.idle_s = 0.2
+    engine = FakeEngine(sched)
+    long = make_request(900, max_tokens=4)
+    sched.add(long)
+    engine.step()
+    short = make_request(10, max_tokens=4)
+    sched.add(short)
+    plan = engine.step()
+    # The short prompt's 10 tokens were held out of the long prompt's share of the step.
+    assert {c.seq.request.request_id: c.end - c.start for c in plan.chunks} == {
+        long.request_id: 190,
+        short.request_id: 10,
+    }
+    # The short one decodes now, so the step's target is the 0.1 s floor; a long newcomer is held
+    # half of what is left after the decode.
+    other = make_request(600, max_tokens=4)
+    sched.add(other)
+    plan = engine.step()
+    spent = {c.seq.request.request_id: c.end - c.start for c in plan.chunks}
+    assert spent[short.request_id] == 1
+    assert spent[long.request_id] in (49, 50) and spent[other.request_id] in (49, 50)
+
+
+def test_scoring_a_prompt_counts_in_the_step_budget() -> None:
+    cost = FixedCost(0.1, token_s=0.001, score_s=0.004)
+    assert cost.affordable_tokens(0.05, 0) == 50
+    assert cost.affordable_tokens(0.05, 0, scored=True) == 10
+    assert cost.chunk_seconds(0, 10, scored=True) == pytest.approx(0.05)
 
 
 def test_without_a_fixed_target_a_step_may_take_a_multiple_of_its_decodes() -> None:
@@ -468,3 +518,31 @@ class SchedulerMachine(RuleBasedStateMachine):
 
 TestSchedulerMachine = SchedulerMachine.TestCase
 TestSchedulerMachine.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)
+
+
+def test_the_cost_model_learns_its_weights_from_measured_steps() -> None:
+    cost = StepCostModel(None, max_tokens=8192, max_tiles=16)
+    truth = (0.004, 3e-6, 5e-9, 4e-5)
+    for start, tokens in [(0, 1), (0, 2000), (2000, 3000), (9000, 1), (0, 500)] * 3:
+        pairs = attention_pairs(start, start + tokens)
+        cost.observe_lm(tokens, pairs, truth[0] + truth[1] * tokens + truth[2] * pairs)
+    weights = cost._weights()
+    assert weights[:3] == pytest.approx(truth[:3], rel=1e-3)
+    assert weights[3] == 1e-4  # never scored a prompt: the prior, not a meaningless zero
+    for start, tokens in [(0, 1000), (5000, 800)] * 2:
+        pairs = attention_pairs(start, start + tokens)
+        seconds = truth[0] + truth[1] * tokens + truth[2] * pairs + truth[3] * tokens
+        cost.observe_lm(tokens, pairs, seconds, tokens)
+    assert cost._weights() == pytest.approx(truth, rel=1e-3)
+
+
+def test_a_weight_the_data_make_negative_is_zero_and_the_rest_refitted() -> None:
+    # Timings whose unconstrained fit has a negative per-token cost (noise on a model whose dense
+    # layers are nearly free next to attention): the fit keeps the attention cost, not a prior.
+    cost = StepCostModel(None, max_tokens=8192, max_tiles=16)
+    steps = [(0, 4000, 0.04), (4000, 4000, 0.2), (8000, 4000, 0.4), (0, 100, 0.001)]
+    for start, tokens, seconds in steps * 2:
+        cost.observe_lm(tokens, attention_pairs(start, start + tokens), seconds)
+    a, b, c, _ = cost._weights()
+    assert b == 0.0 and c > 0.0
+    assert cost.affordable_tokens(0.25, 20_000) > 100

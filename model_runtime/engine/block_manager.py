@@ -244,8 +244,8 @@ class KVCacheManager:
         """Take the cached blocks of seq's longest cached prefix into its (empty) table; return the
         tokens they hold. At least the last token is left to compute: its logits are needed."""
         assert not seq.block_table, "prefix matching starts from an empty table"
-        if not self.prefix_caching or seq.request.params.prompt_logprobs is not None:
-            return 0  # a cached block has no logits: such a prompt is computed whole
+        if not self.prefix_caching or seq.request.scores_prompt:
+            return 0  # a cached block has no logits: a prompt being scored is computed whole
         limit = seq.num_tokens - 1
         self.extend_keys(seq, limit)
         matched = 0

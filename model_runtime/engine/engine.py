@@ -33,10 +33,11 @@ from model_runtime.request import (
     CompletionDelta,
     EngineStats,
     FinishedRequestStats,
+    PromptLogprobs,
     RequestOutput,
     TokenLogprob,
 )
-from model_runtime.structured.tokenizer import Vocabulary, token_string
+from model_runtime.structured.tokenizer import Vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,9 @@ MAX_STEP_TILES = {"cpu": 16, "cuda": 128}
 # vision work may take 3x what a decode-only step takes, but at least this (a CPU step of a few
 # decodes takes tens of milliseconds on the small benchmark model, one vision tile about 80 ms).
 STEP_FLOOR_MS = {"cpu": 100.0, "cuda": 30.0}
+# With nothing decoding, a step may take this long: a request arriving meanwhile waits about that
+# long to start, while a long prompt's chunks stay large enough that per-step overhead is small.
+STEP_IDLE_MS = {"cpu": 250.0, "cuda": 100.0}
 RESERVE_FRACTION = 0.01  # of the blocks kept free at admission, for decodes to grow into
 
 
@@ -120,6 +124,7 @@ class Engine:
         self.cost = StepCostModel(
             target,
             floor_s=STEP_FLOOR_MS[kind] / 1000,
+            idle_target_s=STEP_IDLE_MS[kind] / 1000,
             max_tokens=config.max_num_batched_tokens,
             max_tiles=MAX_STEP_TILES[kind],
         )
@@ -287,8 +292,10 @@ class Engine:
                 raise FatalEngineError("unrecoverable device error") from exc
             self._forward_each(plan)
             return
+        # Converting the prompt log-probabilities is part of what scoring a prompt costs a step.
+        scored = self._record_prompt_logprobs(plan.chunks, output)
         pairs = sum(attention_pairs(c.start, c.end) for c in plan.chunks)
-        self.cost.observe_lm(plan.num_tokens, pairs, time.perf_counter() - started)
+        self.cost.observe_lm(plan.num_tokens, pairs, time.perf_counter() - started, scored)
         self._postprocess(plan.chunks, output)
 
     def _forward_each(self, plan: StepPlan) -> None:
@@ -303,14 +310,40 @@ class Engine:
             except Exception as exc:  # noqa: BLE001
                 self._fail_or_die(request, exc)
                 continue
+            self._record_prompt_logprobs(chunks, output)
             self._postprocess(chunks, output)
+
+    def _record_prompt_logprobs(self, chunks: list[Chunk], output: ForwardOutput) -> int:
+        """Append the chunks' prompt log-probabilities to their requests' columns; return how many
+        tokens were scored."""
+        vocabulary = self.vocabulary
+        scored = 0
+        for index, sampled in output.prompt_logprobs.items():
+            chunk = chunks[index]
+            request = chunk.seq.request
+            columns = request.prompt_logprobs
+            if columns is None:
+                first = request.prompt_ids[0]
+                columns = request.prompt_logprobs = PromptLogprobs(top_k=request.params.prompt_logprobs or 0)
+                self._append_token(columns, first, 0.0)
+            columns.truncate(chunk.start + 1)
+            for item in sampled:
+                self._append_token(columns, item.token_id, item.logprob)
+                for token_id, logprob in item.top:
+                    columns.top_ids.append(token_id)
+                    columns.top_tokens.append(vocabulary.token_text(token_id))
+                    columns.top_logprobs.append(logprob)
+            scored += len(sampled)
+        return scored
+
+    def _append_token(self, columns: PromptLogprobs, token_id: int, logprob: float) -> None:
+        columns.token_ids.append(token_id)
+        columns.tokens.append(self.vocabulary.token_text(token_id))
+        columns.token_bytes.append(self.vocabulary.token_bytes(token_id))
+        columns.logprobs.append(logprob)
 
     def _postprocess(self, chunks: list[Chunk], output: ForwardOutput) -> None:
         logits = output.logits
-        for index, sampled in output.prompt_logprobs.items():
-            chunk = chunks[index]
-            for offset, item in enumerate(sampled, start=chunk.start + 1):
-                chunk.seq.request.prompt_logprobs[offset] = self._logprob(item)
         self.scheduler.computed(chunks)
         rows: list[Sequence] = []
         row_logits: list[int] = []
@@ -368,8 +401,13 @@ class Engine:
         return dataclasses.replace(self._token_logprob(sampled.token_id, sampled.logprob), top=top)
 
     def _token_logprob(self, token_id: int, logprob: float) -> TokenLogprob:
-        data = self.vocabulary.token_bytes(token_id)
-        return TokenLogprob(token_id=token_id, token=token_string(data), logprob=logprob, token_bytes=data)
+        vocabulary = self.vocabulary
+        return TokenLogprob(
+            token_id=token_id,
+            token=vocabulary.token_text(token_id),
+            logprob=logprob,
+            token_bytes=vocabulary.token_bytes(token_id),
+        )
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         if reason != "stop" or not seq.detokenizer.stopped:
@@ -417,15 +455,16 @@ class Engine:
         if request.sink is not None:
             request.sink(output)
 
-    def _prompt_logprobs(self, request: Request) -> list[TokenLogprob] | None:
+    def _prompt_logprobs(self, request: Request) -> PromptLogprobs | None:
         """The prompt's tokens with their log-probabilities, once, on the first output with a
         token (the whole prompt has been computed by then)."""
         if request.params.prompt_logprobs is None or request.prompt_logprobs_reported:
             return None
         request.prompt_logprobs_reported = True
-        first = self._token_logprob(request.prompt_ids[0], 0.0)
-        found = request.prompt_logprobs
-        return [first, *(found[i] for i in range(1, request.prompt_len))]
+        columns = request.prompt_logprobs
+        assert columns is not None and len(columns) == request.prompt_len
+        request.prompt_logprobs = None  # the output owns them now
+        return columns
 
     @staticmethod
     def _finished_stats(request: Request) -> FinishedRequestStats | None:

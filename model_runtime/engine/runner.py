@@ -211,7 +211,7 @@ class ModelRunner:
         prompt: dict[int, list[SampledLogprob]] = {}
         for index, (end, chunk) in enumerate(zip(ends, chunks, strict=True)):
             request = chunk.seq.request
-            if request.params.prompt_logprobs is not None and chunk.start < request.prompt_len - 1:
+            if request.scores_prompt and chunk.start < request.prompt_len - 1:
                 row = end - (chunk.end - chunk.start)
                 prompt[index] = self._prompt_logprobs(hidden[0, row:end], chunk, request)
         return ForwardOutput(logits, prompt)

@@ -10,7 +10,10 @@ and, before the forward, the vision-tower work (a few tiles) those prompts need 
 Budgets. While sequences are decoding, prefill tokens and vision tiles are budgeted so that a step
 stays near a target duration (`StepCostModel`, learned from measured steps): a burst of large
 images is encoded a few tiles per step instead of freezing every stream for seconds. With nothing
-decoding, a step takes as much as `max_num_batched_tokens` allows.
+decoding, a step is held near a longer idle target, so a request that arrives while a long prompt
+is prefilled waits at most about that long; and while a request waits behind prompts being
+prefilled, part of each step is kept for it (what its prompt needs, at most half), so it is
+admitted at the next step instead of after the whole long prompt.
 
 Memory. Admission reserves blocks for a request's whole prompt (less what the prefix cache
 already holds) and keeps a small reserve free; decoding takes one block every `block_size`
@@ -64,7 +67,7 @@ class _Budget:
 
     tokens: int
     tiles: int
-    seconds: float  # inf while nothing decodes
+    seconds: float
     prefilled: bool = False  # some prompt chunk got the guaranteed minimum already
 
     @property
@@ -122,38 +125,69 @@ class _LeastSquares:
                 self.xtx[i][j] = self.xtx[i][j] * d + xi * xj
         self.count = self.count * d + 1.0
 
+    def seen(self, feature: int) -> bool:
+        """Whether any recent observation had this feature non-zero (else its weight is meaningless)."""
+        return self.xtx[feature][feature] > 0.0
+
     def weights(self) -> list[float] | None:
-        """Non-negative weights solving the (lightly regularized) normal equations, or None."""
-        n = len(self.xty)
+        """Non-negative weights of the least-squares fit, or None before any observation.
+
+        A weight the unconstrained fit makes negative is fixed at zero and the rest refitted (so
+        a small model whose per-token cost hides in the attention term still gets a usable fit,
+        instead of one clipped into nonsense); features never observed get zero. The columns are
+        scaled to unit norm first: the attention pairs are ~10^8 times the constant feature."""
         if self.count < 1.0:
             return None
-        a = [row[:] + [self.xty[i]] for i, row in enumerate(self.xtx)]
-        for i in range(n):
-            a[i][i] += 1e-9 * (a[i][i] + 1.0)
-        for col in range(n):  # Gauss-Jordan with partial pivoting
-            pivot = max(range(col, n), key=lambda r: abs(a[r][col]))
-            if abs(a[pivot][col]) < 1e-18:
+        n = len(self.xty)
+        free = [i for i in range(n) if self.seen(i)]
+        while free:
+            solved = self._solve(free)
+            if solved is None:
+                return None
+            negative = [i for i in free if solved[i] < 0.0]
+            if not negative:
+                return [max(0.0, solved.get(i, 0.0)) for i in range(n)]
+            free.remove(min(negative, key=lambda i: solved[i]))
+        return None
+
+    def _solve(self, free: list[int]) -> dict[int, float] | None:
+        """The normal equations restricted to the `free` features (Gauss-Jordan, partial pivoting)."""
+        scale = [self.xtx[i][i] ** 0.5 for i in free]
+        m = len(free)
+        a = [
+            [self.xtx[i][j] / (scale[r] * scale[c]) for c, j in enumerate(free)] + [self.xty[i] / scale[r]]
+            for r, i in enumerate(free)
+        ]
+        for i in range(m):
+            a[i][i] += 1e-9
+        for col in range(m):
+            pivot = max(range(col, m), key=lambda r: abs(a[r][col]))
+            if abs(a[pivot][col]) < 1e-12:
                 return None
             a[col], a[pivot] = a[pivot], a[col]
-            for r in range(n):
+            for r in range(m):
                 if r != col:
                     f = a[r][col] / a[col][col]
                     a[r] = [v - f * w for v, w in zip(a[r], a[col], strict=True)]
-        return [max(0.0, a[i][n] / a[i][i]) for i in range(n)]
+        return {i: a[r][m] / a[r][r] / scale[r] for r, i in enumerate(free)}
 
 
 class StepCostModel:
     """How long a step takes, learned from measured steps, and the step-time target.
 
-    The language model's time is fitted as a + b * tokens + c * attention pairs (a per-step
-    overhead, a cost per token for the dense layers, and one per (query, key) pair for attention,
-    which dominates long prompts); the vision tower's as seconds per tile.
+    The language model's time is fitted as a + b * tokens + c * attention pairs + d * scored tokens
+    (a per-step overhead, a cost per token for the dense layers, one per (query, key) pair for
+    attention, which dominates long prompts, and one per prompt token whose log-probabilities are
+    asked for: an lm_head row over the whole vocabulary, its softmax and top-k); the vision tower's
+    as seconds per tile.
 
     While sequences decode, a step that carries prefill or vision work is held near the target: a
     fixed one when `target_s` is set, else `stall_factor` times what recent decode-only steps took
     (measured, not fitted: that is what the streams see between two tokens), but never less than
     `floor_s`. So running streams slow down by a bounded factor, whatever the
     model and the device, while new prompts still progress at least `min_tokens` and one tile a step.
+    With nothing decoding, a step is held near `idle_target_s` (or the fixed target): short enough
+    that a new request soon joins, long enough that the per-step overhead stays small.
     """
 
     def __init__(
@@ -163,27 +197,31 @@ class StepCostModel:
         max_tokens: int,
         max_tiles: int,
         floor_s: float = 0.1,
+        idle_target_s: float = 0.25,
         stall_factor: float = 3.0,
         min_tokens: int = 16,
-        initial: tuple[float, float, float] = (0.005, 1e-3, 1e-7),
+        initial: tuple[float, float, float, float] = (0.005, 1e-3, 1e-7, 1e-4),
         initial_tile_s: float = 0.05,
     ) -> None:
         self.fixed_target_s = target_s
         self.floor_s = floor_s
+        self.idle_s = idle_target_s
         self.stall_factor = stall_factor
         self.max_tokens = max_tokens
         self.max_tiles = max_tiles
         self.min_tokens = min_tokens
-        self._lm = _LeastSquares(3)
+        self._lm = _LeastSquares(4)
         self._initial = initial
         self._tile_s: float | None = None
         self._initial_tile_s = initial_tile_s
         # Recent decode-only step durations, by number of decodes (rounded up to a power of two).
         self._quiet: dict[int, deque[float]] = {}
 
-    def observe_lm(self, tokens: int, pairs: int, seconds: float) -> None:
+    def observe_lm(self, tokens: int, pairs: int, seconds: float, scored: int = 0) -> None:
+        """A forward of `tokens` tokens and `pairs` attention pairs, `scored` of whose tokens had
+        their prompt log-probabilities computed and converted, took `seconds`."""
         if tokens > 0 and seconds > 0:
-            self._lm.add([1.0, float(tokens), float(pairs)], seconds)
+            self._lm.add([1.0, float(tokens), float(pairs), float(scored)], seconds)
 
     def observe_step(self, decodes: int, decode_only: bool, seconds: float) -> None:
         """A whole step's duration (vision, forward and sampling); decode-only ones set the pace."""
@@ -195,15 +233,21 @@ class StepCostModel:
             per_tile = seconds / tiles
             self._tile_s = per_tile if self._tile_s is None else 0.8 * self._tile_s + 0.2 * per_tile
 
-    def _weights(self) -> tuple[float, float, float]:
+    def _weights(self) -> tuple[float, float, float, float]:
         fitted = self._lm.weights()
-        if fitted is None or fitted[1] <= 0:
+        if fitted is None or fitted[1] + fitted[2] <= 0:  # no per-token cost learned yet
             return self._initial
-        return fitted[0], fitted[1], fitted[2]
+        score = fitted[3] if self._lm.seen(3) else self._initial[3]
+        return fitted[0], fitted[1], fitted[2], score
 
-    def lm_seconds(self, tokens: int, pairs: int) -> float:
-        a, b, c = self._weights()
-        return a + b * tokens + c * pairs
+    def lm_seconds(self, tokens: int, pairs: int, scored: int = 0) -> float:
+        a, b, c, d = self._weights()
+        return a + b * tokens + c * pairs + d * scored
+
+    def chunk_seconds(self, start: int, end: int, scored: bool) -> float:
+        """What a prompt chunk [start, end) adds to a step (the per-step overhead excluded)."""
+        _, b, c, d = self._weights()
+        return (b + (d if scored else 0.0)) * (end - start) + c * attention_pairs(start, end)
 
     @property
     def tile_seconds(self) -> float:
@@ -222,11 +266,19 @@ class StepCostModel:
             return self.fixed_target_s
         return max(self.floor_s, self.stall_factor * decode_s)
 
-    def affordable_tokens(self, seconds: float, position: int) -> int:
-        """How many prompt tokens from `position` on fit in `seconds` (the marginal cost only)."""
+    @property
+    def idle_target_s(self) -> float:
+        """The step-time target for a step in which nothing decodes."""
+        return self.fixed_target_s if self.fixed_target_s is not None else self.idle_s
+
+    def affordable_tokens(self, seconds: float, position: int, scored: bool = False) -> int:
+        """How many prompt tokens from `position` on fit in `seconds` (the marginal cost only);
+        `scored`: their prompt log-probabilities are computed too."""
         if seconds <= 0:
             return 0
-        _, b, c = self._weights()
+        _, b, c, d = self._weights()
+        if scored:
+            b += d
         # b x + c x (2 position + x + 1) / 2 <= seconds, solved for x
         qa, qb = c / 2, b + c * (position + 0.5)
         if qa <= 0:
@@ -319,7 +371,7 @@ class Scheduler:
         budget = _Budget(
             tokens=self.max_num_batched_tokens - len(plan.chunks),
             tiles=self.cost.max_tiles,
-            seconds=float("inf"),
+            seconds=self.cost.idle_target_s,
         )
         if plan.chunks:
             decodes = len(plan.chunks)
@@ -328,10 +380,13 @@ class Scheduler:
             )
             budget.seconds = self.cost.target_s(decode_s) - decode_s
         planned: dict[int, int] = {}  # id(image) -> tiles_ready after this step's vision work
+        held_tokens, held_seconds = self._hold_for_waiting(budget)
         for request in self.running:
             for seq in request.active_seqs():
                 if seq.num_pending > 1 and not budget.spent:
                     self._schedule_prefill(plan, seq, budget, planned)
+        budget.tokens += held_tokens
+        budget.seconds += held_seconds
         while self.waiting and not budget.spent:
             request = self.waiting[0]
             first = request.first_scheduled_time is None
@@ -344,6 +399,30 @@ class Scheduler:
             for seq in request.active_seqs():
                 self._schedule_prefill(plan, seq, budget, planned)
         return plan
+
+    def _hold_for_waiting(self, budget: _Budget) -> tuple[int, float]:
+        """Take out of the budget, before prompts being prefilled spend it, what the first waiting
+        request's prompt needs (at most half): without it, a short request would wait behind every
+        step of a long prompt. Nothing is held when it could not be admitted anyway."""
+        if not self.waiting or not any(s.num_pending > 1 for r in self.running for s in r.active_seqs()):
+            return 0, 0.0
+        head = self.waiting[0]
+        seqs = head.active_seqs()
+        if sum(len(r.active_seqs()) for r in self.running) + head.n > self.max_num_seqs:
+            return 0, 0.0
+        need = sum(self.kv.blocks_for(s.num_tokens) - len(s.block_table) for s in seqs)
+        if need + self.reserve_blocks > self.kv.pool.num_free:  # without counting prefix-cache hits
+            return 0, 0.0
+        tokens = min(budget.tokens // 2, max(s.num_tokens - s.num_computed for s in seqs))
+        seconds = 0.0
+        if tokens > 0:
+            tiles = sum(image.num_tiles - image.tiles_ready for image in head.images)
+            scored = head.scores_prompt
+            needed = self.cost.chunk_seconds(0, tokens, scored) + tiles * self.cost.tile_seconds
+            seconds = min(budget.seconds / 2, needed)
+        budget.tokens -= tokens
+        budget.seconds -= seconds
+        return tokens, seconds
 
     def _schedule_decodes(self, plan: StepPlan) -> None:
         copies: list[tuple[int, int, Request]] = []
@@ -436,18 +515,15 @@ class Scheduler:
             if ready < image.num_tiles:
                 limit = min(limit, image.start + ready * (image.num_tokens // image.num_tiles))
                 break
-        tokens = budget.tokens
-        if budget.seconds != float("inf"):
-            floor = self.cost.min_tokens if first else 0
-            tokens = min(tokens, max(floor, cost.affordable_tokens(budget.seconds, start)))
+        scored = seq.request.scores_prompt
+        floor = self.cost.min_tokens if first else 0
+        tokens = min(budget.tokens, max(floor, cost.affordable_tokens(budget.seconds, start, scored)))
         end = min(limit, start + tokens)
         if end > start:
             plan.chunks.append(Chunk(seq, start, end))
             budget.tokens -= end - start
             budget.prefilled = True
-            if budget.seconds != float("inf"):
-                _, b, c = cost._weights()
-                budget.seconds -= b * (end - start) + c * attention_pairs(start, end)
+            budget.seconds -= cost.chunk_seconds(start, end, scored)
 
     def _plan_vision(
         self, plan: StepPlan, image: ImageSlot, budget: _Budget, planned: dict[int, int], first: bool
@@ -462,10 +538,9 @@ class Scheduler:
         ready, stage = image.tiles_ready, image.stage
         tile_s = self.cost.tile_seconds
         stage_s = tile_s / self.vision_stages
-        unlimited = budget.seconds == float("inf")
         if ready < image.num_tiles and budget.tiles > 0 and stage > 0:  # finish the tile in progress
             left = self.vision_stages - stage
-            take = left if unlimited else min(left, max(int(budget.seconds / stage_s), 1 if first else 0))
+            take = min(left, max(int(budget.seconds / stage_s), 1 if first else 0))
             if take > 0:
                 plan.vision.append(VisionTask(image, ready, ready + 1, (stage, stage + take)))
                 budget.seconds -= take * stage_s
@@ -478,7 +553,7 @@ class Scheduler:
                     return ready
         if ready < image.num_tiles and budget.tiles > 0 and stage == 0:
             want = image.num_tiles - ready
-            take = min(want, budget.tiles, want if unlimited else int(budget.seconds / tile_s))
+            take = min(want, budget.tiles, int(budget.seconds / tile_s))
             if take > 0:
                 plan.vision.append(VisionTask(image, ready, ready + take))
                 budget.tiles -= take

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from model_runtime.request import PromptLogprobs
 from model_runtime.sampling_params import SamplingParams
 
 
@@ -121,9 +122,9 @@ class Request:
     # variant) that makes the same tokens compute different keys and values.
     cache_root: bytes = b""
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (usage.cached_tokens)
-    # params.prompt_logprobs: one entry per prompt token from the second on, filled as chunks are
-    # computed (a recompute after preemption writes the same values again); reported once.
-    prompt_logprobs: dict[int, Any] = field(default_factory=dict)
+    # params.prompt_logprobs: filled as chunks are computed (a prompt preempted before they were
+    # reported is scored again from its start); reported once, then handed to that output.
+    prompt_logprobs: PromptLogprobs | None = None
     prompt_logprobs_reported: bool = False
     num_recomputed_tokens: int = 0  # prompt tokens the prefix cache held but computed again
     num_preemptions: int = 0
@@ -162,6 +163,12 @@ class Request:
     def forked(self) -> bool:
         """Whether every choice has its own tokens (after the shared prompt, or after preemption)."""
         return all(s.output_ids for s in self.seqs)
+
+    @property
+    def scores_prompt(self) -> bool:
+        """Whether computing its prompt also computes the prompt's log-probabilities (asked for,
+        and not reported yet: a recompute after preemption needs only the keys and values)."""
+        return self.params.prompt_logprobs is not None and not self.prompt_logprobs_reported
 
     def active_seqs(self) -> list[Sequence]:
         """The sequences that compute: the first alone until the shared prompt is done, then all

@@ -43,6 +43,7 @@ class Vocabulary:
         # Logprobs read a token's bytes for every alternative of every position (a scored 30k-token
         # prompt with 5 alternatives: 180k reads), so each id is decoded once.
         self._bytes: dict[int, bytes] = {}
+        self._texts: dict[int, str] = {}
         self._ll: LLTokenizer | None = None
         self._lock = threading.Lock()
 
@@ -61,6 +62,13 @@ class Vocabulary:
         if data is None:
             data = self._bytes[token_id] = self._token_bytes(token_id)
         return data
+
+    def token_text(self, token_id: int) -> str:
+        """The token as logprobs write it (token_string), one shared string per id."""
+        text = self._texts.get(token_id)
+        if text is None:
+            text = self._texts[token_id] = token_string(self.token_bytes(token_id))
+        return text
 
     def _token_bytes(self, token_id: int) -> bytes:
         """What the token contributes to the text: a byte-level piece may be part of a character.
