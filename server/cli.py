@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import gc
 import logging
 import os
 import signal
@@ -220,11 +219,6 @@ async def run(settings: Settings) -> int:
     except CheckpointError as exc:
         logger.error("cannot load the model: %s", exc)
         return 1
-    # What loading left (modules, tokenizer, vocabularies: ~400k objects) lives until exit. Out of
-    # the collector's sight, a full collection walks only what requests create; otherwise each one
-    # took 0.2 s here, every stream and the event loop paused with it.
-    gc.collect()
-    gc.freeze()
     try:
         default_name = DEMO_MODEL if settings.model == DEMO_MODEL else worker.served_model_default_name
         return await serve(settings, worker, default_model_name=default_name, on_drained=worker.shutdown)
