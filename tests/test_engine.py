@@ -324,6 +324,18 @@ def test_prompt_logprobs_equal_one_plain_forward(tmp_path) -> None:
     assert len(reported.top_tokens) == 3 * (len(reported) - 1)
 
 
+def test_a_one_token_prompt_is_scored_too(harness: Harness) -> None:
+    """Nothing precedes its only token: one entry, logprob 0.0, no alternatives (the engine once
+    died here, finding no scored chunk to report)."""
+    params = SamplingParams(max_tokens=2, temperature=0.0, prompt_logprobs=1)
+    request = harness.add("one", ChatInput((), prompt=(7,)), params)
+    harness.run()
+    (reported,) = [o.prompt_logprobs for o in harness.outputs["one"] if o.prompt_logprobs is not None]
+    assert reported.token_ids == [7] == request.prompt_ids
+    assert reported.logprobs == [0.0] and reported.top(0) == [] and reported.top_tokens == []
+    assert len(request.seqs[0].output_ids) == 2
+
+
 @pytest.mark.parametrize("llm", ["qwen3", "llama", "phi3", "yi"])
 def test_other_llm_kinds_match_transformers_generate(llm: str, tmp_path) -> None:
     from model_runtime.loading.tiny import write_tiny_checkpoint

@@ -321,11 +321,7 @@ class Engine:
         for index, sampled in output.prompt_logprobs.items():
             chunk = chunks[index]
             request = chunk.seq.request
-            columns = request.prompt_logprobs
-            if columns is None:
-                first = request.prompt_ids[0]
-                columns = request.prompt_logprobs = PromptLogprobs(top_k=request.params.prompt_logprobs or 0)
-                self._append_token(columns, first, 0.0)
+            columns = self._prompt_columns(request)
             columns.truncate(chunk.start + 1)
             for item in sampled:
                 self._append_token(columns, item.token_id, item.logprob)
@@ -335,6 +331,13 @@ class Engine:
                     columns.top_logprobs.append(logprob)
             scored += len(sampled)
         return scored
+
+    def _prompt_columns(self, request: Request) -> PromptLogprobs:
+        """The request's prompt log-probabilities so far: at first, the first token's (none)."""
+        if request.prompt_logprobs is None:
+            columns = request.prompt_logprobs = PromptLogprobs(top_k=request.params.prompt_logprobs or 0)
+            self._append_token(columns, request.prompt_ids[0], 0.0)
+        return request.prompt_logprobs
 
     def _append_token(self, columns: PromptLogprobs, token_id: int, logprob: float) -> None:
         columns.token_ids.append(token_id)
@@ -461,8 +464,8 @@ class Engine:
         if request.params.prompt_logprobs is None or request.prompt_logprobs_reported:
             return None
         request.prompt_logprobs_reported = True
-        columns = request.prompt_logprobs
-        assert columns is not None and len(columns) == request.prompt_len
+        columns = self._prompt_columns(request)  # a one-token prompt has nothing else to score
+        assert len(columns) == request.prompt_len
         request.prompt_logprobs = None  # the output owns them now
         return columns
 
