@@ -3,12 +3,13 @@ answer is checked against OpenAI's spec by the client (tests/app_client.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
 import pytest
 
-from server.chat import dump_in_pieces
+from server.chat import SEND_SLICE_BYTES, dump_in_pieces, json_response
 from server.protocol.chat import Usage
 from server.protocol.completions import Completion, CompletionChoice, CompletionLogprobs
 from server.protocol.responses import OutputMessage, OutputTextContent, ResponseObject
@@ -232,3 +233,28 @@ def test_large_answers_are_serialized_item_by_item_to_the_same_json() -> None:
     message = OutputMessage(id="msg", status="completed", content=[OutputTextContent(text="hi")])
     response = ResponseObject(id="r", created_at=0, status="completed", model="m", output=[message])
     assert json.loads(dump_in_pieces(response)) == json.loads(response.model_dump_json())
+
+
+def test_a_large_answer_is_sent_in_slices_with_its_length() -> None:
+    tokens = [f"t{i}" for i in range(30_000)]
+    logprobs = CompletionLogprobs(
+        text_offset=list(range(30_000)),
+        tokens=tokens,
+        token_logprobs=[None] + [-0.5] * 29_999,
+        top_logprobs=[None] + [{"a": -1.0, "b": -2.0}] * 29_999,
+    )
+    choices = [
+        CompletionChoice(index=i, text="".join(tokens), logprobs=logprobs, finish_reason="length")
+        for i in range(2)
+    ]
+    usage = Usage(prompt_tokens=30_000, completion_tokens=2, total_tokens=30_002)
+    completion = Completion(id="cmpl-1", created=1, model="m", choices=choices, usage=usage)
+
+    async def body() -> tuple[int, list[bytes]]:
+        response = await json_response(completion)
+        return int(response.headers["content-length"]), [piece async for piece in response.body_iterator]
+
+    length, slices = asyncio.run(body())
+    assert len(slices) > 2 and max(len(s) for s in slices) <= SEND_SLICE_BYTES
+    data = b"".join(slices)
+    assert len(data) == length and json.loads(data) == json.loads(completion.model_dump_json())
