@@ -169,6 +169,31 @@ def test_batched_equals_one_at_a_time_with_joins(harness: Harness) -> None:
     assert harness.engine.stats().cache_used_blocks == 0
 
 
+def test_short_decodes_gathered_and_long_ones_in_place_give_the_same_tokens(harness: Harness) -> None:
+    """On the CPU, a decode whose context is in several runs of the pool (here: a cached shared
+    prefix, then its own blocks) is gathered and batched when short, read in place when long
+    (attention.py); both answer as transformers' generate() does."""
+    if harness.engine.runner.device.type != "cpu":
+        pytest.skip("the in-place / gathered split is the CPU's")
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    short = [ChatInput((user(f"Hello, who are you? {word}"),)) for word in ("red", "green", "blue")]
+    long = [ChatInput((user("Describe the sea in detail. " * 40 + word),)) for word in ("red", "green")]
+    references = [
+        harness.reference(harness.request(f"ref-{i}", c, params), 16) for i, c in enumerate(short + long)
+    ]
+    harness.add("warm", short[0], params)  # puts the shared prefix in the prefix cache
+    harness.run()
+    packs = []
+    pack = harness.engine.runner._pack
+    harness.engine.runner._pack = lambda chunks: packs.append(pack(chunks)) or packs[-1]
+    requests = [harness.add(f"mix-{i}", c, params) for i, c in enumerate(short + long)]
+    harness.run()
+    harness.engine.runner._pack = pack
+    assert [r.seqs[0].output_ids for r in requests] == references
+    assert any(batch.groups for _, _, batch, _ in packs)  # short decodes gathered
+    assert any(span.decode and len(span.runs) > 1 for _, _, batch, _ in packs for span in batch.spans)
+
+
 def test_streamed_text_equals_decode(harness: Harness) -> None:
     request = harness.add(
         "stream", CHATS["text"], SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)

@@ -17,7 +17,14 @@ from dataclasses import dataclass
 import torch
 
 from model_runtime.engine import attention
-from model_runtime.engine.attention import DecodeGroup, PackedBatch, Span, contiguous_runs, group_decodes
+from model_runtime.engine.attention import (
+    CPU_GATHER_MAX_CONTEXT,
+    DecodeGroup,
+    PackedBatch,
+    Span,
+    contiguous_runs,
+    group_decodes,
+)
 from model_runtime.engine.guided import GuidedDecoding
 from model_runtime.engine.kv_cache import KVPool
 from model_runtime.engine.sampler import (
@@ -141,7 +148,8 @@ class ModelRunner:
 
     def _pack(self, chunks: Seq[Chunk]) -> tuple[torch.Tensor, torch.Tensor, PackedBatch, list[tuple]]:
         size = self.block_size
-        in_place = self.pool.k[0].device.type == "cpu"  # see attention.py: CPU reads the pool in place
+        # See attention.py: the CPU reads the pool in place, but for short decodes in several runs.
+        in_place = self.pool.k[0].device.type == "cpu"
         ids: list[int] = []
         positions: list[torch.Tensor] = []
         new_slots: list[torch.Tensor] = []
@@ -157,8 +165,9 @@ class ModelRunner:
             positions.append(torch.arange(start, end))
             new_slots.append(self._slots(seq, start, end))
             span = Span(row, row + end - start, start)
-            if in_place:
-                span.runs = contiguous_runs(seq.block_table, size, end if span.decode else start)
+            runs = contiguous_runs(seq.block_table, size, end if span.decode else start) if in_place else []
+            if in_place and not (span.decode and len(runs) > 1 and end <= CPU_GATHER_MAX_CONTEXT):
+                span.runs = runs
                 spans.append(span)
             elif span.decode:
                 decodes.append((row, end, seq.block_table[: -(-end // size)]))
@@ -170,7 +179,10 @@ class ModelRunner:
                 if a < b:
                     images.append((row + a - start, image, a - image.start, b - image.start))
         batch = PackedBatch(pool=self.pool, slot_mapping=torch.cat(new_slots), spans=spans)
-        for members in group_decodes([decodes[i][1] for i in range(len(decodes))]):
+        # On the CPU the gathered decodes are short and a call costs more than its padding: one group.
+        lengths = [d[1] for d in decodes]
+        groups = [list(range(len(decodes)))] if in_place and decodes else group_decodes(lengths)
+        for members in groups:
             width = max(len(decodes[i][2]) for i in members)
             blocks = torch.zeros((len(members), width), dtype=torch.long)  # padding: block 0
             for out, i in zip(blocks, members, strict=True):
