@@ -157,26 +157,29 @@ class PackedBatch:
         k_flat.index_copy_(0, batch.slot_mapping, key[0].transpose(0, 1).to(k_flat.dtype))
         v_flat.index_copy_(0, batch.slot_mapping, value[0].transpose(0, 1).to(v_flat.dtype))
         out = torch.empty_like(query)
-        self._attend_groups(batch, layer, query, key, scaling, out)
-        if k_flat.device.type == "cpu":
+        in_place = k_flat.device.type == "cpu"
+        self._attend_gathered(batch, layer, query, key, value, scaling, out, spans=not in_place)
+        if in_place:
             for span in batch.spans:
                 out[:, :, span.q_start : span.q_end] = _attend_in_place(
                     span, query, key, value, k_flat, v_flat, scaling
                 )
-        else:
-            self._attend_gathered(batch, layer, query, key, value, scaling, out)
         return out.transpose(1, 2)
 
-    def _attend_groups(
+    def _attend_gathered(
         self,
         batch: PackedBatch,
         layer: int,
         query: torch.Tensor,
         key: torch.Tensor,
+        value: torch.Tensor,
         scaling: float | None,
         out: torch.Tensor,
+        *,
+        spans: bool,
     ) -> None:
-        """The grouped decodes: each group's contexts gathered and attended in one call."""
+        """The grouped decodes, each group's contexts gathered and attended in one call; with
+        `spans`, the spans (prefill chunks) too, each over a gathered copy of its context."""
         k_pool, v_pool = self.pool.k[layer], self.pool.v[layer]  # [blocks, block_size, H_kv, D]
         heads, dim = k_pool.shape[2:]
         gqa = query.shape[1] != key.shape[1]
@@ -188,21 +191,8 @@ class PackedBatch:
             q = query[0][:, group.rows].transpose(0, 1).unsqueeze(2)  # [B, H, 1, D]
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=group.mask, scale=scaling, enable_gqa=gqa)
             out[0][:, group.rows] = o.squeeze(2).transpose(0, 1)
-
-    def _attend_gathered(
-        self,
-        batch: PackedBatch,
-        layer: int,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        scaling: float | None,
-        out: torch.Tensor,
-    ) -> None:
-        """The spans (prefill chunks) off the CPU, each over a gathered copy of its context."""
-        k_pool, v_pool = self.pool.k[layer], self.pool.v[layer]  # [blocks, block_size, H_kv, D]
-        heads, dim = k_pool.shape[2:]
-        gqa = query.shape[1] != key.shape[1]
+        if not spans:
+            return
         for span in batch.spans:
             q = query[:, :, span.q_start : span.q_end]
             if span.blocks is None:
