@@ -413,13 +413,13 @@ class Scheduler:
         need = sum(self.kv.blocks_for(s.num_tokens) - len(s.block_table) for s in seqs)
         if need + self.reserve_blocks > self.kv.pool.num_free:  # without counting prefix-cache hits
             return 0, 0.0
-        tokens = min(budget.tokens // 2, max(s.num_tokens - s.num_computed for s in seqs))
+        tokens = max(0, min(budget.tokens // 2, max(s.num_tokens - s.num_computed for s in seqs)))
         seconds = 0.0
         if tokens > 0:
             tiles = sum(image.num_tiles - image.tiles_ready for image in head.images)
             scored = head.scores_prompt
             needed = self.cost.chunk_seconds(0, tokens, scored) + tiles * self.cost.tile_seconds
-            seconds = min(budget.seconds / 2, needed)
+            seconds = max(0.0, min(budget.seconds / 2, needed))  # nothing to hold of an overrun
         budget.tokens -= tokens
         budget.seconds -= seconds
         return tokens, seconds
