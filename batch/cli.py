@@ -94,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run an OpenAI Batch input file (JSONL: custom_id, method, url, body) through the "
         "server's API in-process and write OpenAI Batch output lines as rows finish. Rerun the same "
         "command to resume: rows the output already answers are skipped. Every server flag applies "
-        "(limits, media, engine), as do INTERNVL_* variables and --config.",
+        "(limits, media, engine), as do INTERNVL_* variables and --config; but --step-time-target-ms "
+        "defaults to 2000: nothing streams, so engine steps are sized for throughput.",
         epilog="exit codes: 0 every row succeeded; 1 every row answered, some failed; 2 usage error; "
         "3 unfinished (model load, engine or replica failure): rerun to resume",
     )

@@ -37,9 +37,20 @@ def default_concurrency(settings: Settings) -> int:
     return max(1, min(settings.max_num_seqs + max(1, settings.max_num_seqs // 2), settings.max_waiting))
 
 
+# A batch job's engine step-time target unless --step-time-target-ms says otherwise. The server's
+# default keeps steps near 3x a decode step so that running streams never freeze; a batch job has no
+# stream to protect, and bigger prefill steps finish its rows sooner (96 one-image rows, small
+# model: 2.1-2.6 rows/s at the server's default, 2.9-3.3 at 2000 ms, 3.0 at 500 ms).
+BATCH_STEP_TIME_TARGET_MS = 2000.0
+
+
 def batch_settings(settings: Settings) -> Settings:
-    """The server's settings as a batch job uses them: no API keys, as nothing listens."""
-    return settings.model_copy(update={"api_keys": []})
+    """The server's settings as a batch job uses them: no API keys, as nothing listens; and, unless
+    set, a step-time target for throughput (BATCH_STEP_TIME_TARGET_MS)."""
+    update: dict[str, object] = {"api_keys": []}
+    if settings.step_time_target_ms is None:
+        update["step_time_target_ms"] = BATCH_STEP_TIME_TARGET_MS
+    return settings.model_copy(update=update)
 
 
 class InProcessApp:

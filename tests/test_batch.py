@@ -39,6 +39,8 @@ from batch.jsonl import (
     response_record,
 )
 from batch.progress import Progress
+from batch.runner import BATCH_STEP_TIME_TARGET_MS, batch_settings
+from server.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parent / "data"
@@ -347,6 +349,15 @@ def test_settings_reach_the_job() -> None:
         "/data",
     )
     assert job.concurrency == 12 and job.max_line_bytes > settings.max_body_bytes
+
+
+def test_a_batch_job_sizes_its_steps_for_throughput_unless_told() -> None:
+    settings = Settings(model="m", api_keys=["k"])
+    assert settings.step_time_target_ms is None  # the server protects running streams
+    job = batch_settings(settings)
+    assert job.step_time_target_ms == BATCH_STEP_TIME_TARGET_MS and job.api_keys == []
+    chosen = settings.model_copy(update={"step_time_target_ms": 50.0})
+    assert batch_settings(chosen).step_time_target_ms == 50.0
 
 
 # -- end to end, on the tiny checkpoint --------------------------------------------------------------
