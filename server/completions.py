@@ -14,6 +14,7 @@ import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator
+from functools import partial
 
 import anyio
 from starlette.requests import Request
@@ -105,24 +106,29 @@ def as_prompt_error(exc: BaseException) -> BaseException:
     return exc
 
 
+def text_offsets(token_bytes: list[bytes], offset: int) -> list[int]:
+    """Where each token starts, in characters from the start of the choice's text (as OpenAI
+    counts `text_offset`), the first at `offset`."""
+    offsets = []
+    for data in token_bytes:
+        offsets.append(offset)
+        offset += len(data.decode("utf-8", errors="ignore"))
+    return offsets
+
+
 def to_completion_logprobs(items: list[EngineTokenLogprob], offset: int) -> CompletionLogprobs:
-    """The legacy column layout; `text_offset` counts characters from the start of the choice's
-    text, as OpenAI does."""
-    out = CompletionLogprobs()
-    for item in items:
-        out.text_offset.append(offset)
-        out.tokens.append(item.token)
-        out.token_logprobs.append(item.logprob)
-        out.top_logprobs.append({top.token: top.logprob for top in item.top})
-        offset += len(item.token_bytes.decode("utf-8", errors="ignore"))
-    return out
+    """Sampled tokens' log-probabilities in the legacy column layout."""
+    return CompletionLogprobs(
+        text_offset=text_offsets([item.token_bytes for item in items], offset),
+        tokens=[item.token for item in items],
+        token_logprobs=[item.logprob for item in items],
+        top_logprobs=[{top.token: top.logprob for top in item.top} for item in items],
+    )
 
 
 def prompt_completion_logprobs(scored: PromptLogprobs) -> CompletionLogprobs:
     """An echoed prompt's log-probabilities in the legacy layout: the first token has none (null)."""
-    offsets = [0]
-    for data in scored.token_bytes[:-1]:
-        offsets.append(offsets[-1] + len(data.decode("utf-8", errors="ignore")))
+    offsets = text_offsets(scored.token_bytes, 0)
     k = scored.top_k
     tops = (
         [
@@ -333,7 +339,7 @@ class CompletionService:
         """Chunks of every prompt's choices as they come (interleaved), usage, [DONE]; a failure
         after the headers went out becomes an error event, then [DONE]."""
 
-        def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> str:
+        def chunk(choices: list[CompletionChoice], usage: Usage | None = None, *, large: bool = False) -> str:
             body = Completion(
                 id=writer.response_id,
                 created=writer.created,
@@ -341,13 +347,16 @@ class CompletionService:
                 choices=choices,
                 usage=usage,
             )
-            return f"data: {dump_in_pieces(body, exclude=None if usage else {'usage'})}\n\n"
+            exclude = None if usage else {"usage"}
+            data = dump_in_pieces(body, exclude=exclude) if large else body.model_dump_json(exclude=exclude)
+            return f"data: {data}\n\n"
 
         async def render(choices: list[CompletionChoice]) -> str:
-            """A chunk; off the event loop when it carries a long prompt's log-probabilities."""
+            """A chunk; off the event loop, choice by choice, when it carries a long prompt's
+            log-probabilities."""
             scored = sum(len(c.logprobs.tokens) for c in choices if c.logprobs is not None)
             if scored > LARGE_ANSWER_TOKENS:
-                return await anyio.to_thread.run_sync(chunk, choices)
+                return await anyio.to_thread.run_sync(partial(chunk, choices, large=True))
             return chunk(choices)
 
         queue: asyncio.Queue[tuple[_Prompt, RequestOutput | BaseException | None]] = asyncio.Queue()

@@ -462,7 +462,7 @@ class Engine:
     def _prompt_logprobs(self, request: Request) -> PromptLogprobs | None:
         """The prompt's tokens with their log-probabilities, once, on the first output with a
         token (the whole prompt has been computed by then)."""
-        if request.params.prompt_logprobs is None or request.prompt_logprobs_reported:
+        if not request.scores_prompt:
             return None
         request.prompt_logprobs_reported = True
         columns = self._prompt_columns(request)  # a one-token prompt has nothing else to score

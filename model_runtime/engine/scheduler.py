@@ -408,7 +408,7 @@ class Scheduler:
             return 0, 0.0
         head = self.waiting[0]
         seqs = head.active_seqs()
-        if sum(len(r.active_seqs()) for r in self.running) + head.n > self.max_num_seqs:
+        if not self._has_seats(head):
             return 0, 0.0
         need = sum(self.kv.blocks_for(s.num_tokens) - len(s.block_table) for s in seqs)
         if need + self.reserve_blocks > self.kv.pool.num_free:  # without counting prefix-cache hits
@@ -465,10 +465,14 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(request)
 
+    def _has_seats(self, request: Request) -> bool:
+        """Whether its choices fit beside the running sequences (max_num_seqs)."""
+        return sum(len(r.active_seqs()) for r in self.running) + request.n <= self.max_num_seqs
+
     def _admit(self, request: Request) -> bool:
         """Give the request's computing sequences blocks for all their tokens, taking what the
         prefix cache holds; False (nothing held) if that would leave less than the reserve free."""
-        if sum(len(r.active_seqs()) for r in self.running) + request.n > self.max_num_seqs:
+        if not self._has_seats(request):
             return False
         seqs = request.active_seqs()
         cached = [self.kv.match_prefix(seq) for seq in seqs]
