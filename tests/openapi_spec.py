@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 import jsonschema
+from hypothesis import HealthCheck, settings
 
 DATA = Path(__file__).resolve().parent / "data" / "openai-openapi"
 SPECS = [DATA / "chat-completions-subset.json", DATA / "completions-responses-subset.json"]
@@ -184,3 +185,16 @@ def checked_openai(base_url: str, timeout: float = 120) -> Any:
 
     checked = httpx.Client(transport=SpecCheckingTransport(), timeout=timeout, trust_env=False)
     return openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, http_client=checked)
+
+
+def fuzz_settings(max_examples: int) -> settings:
+    """How the schema fuzzers (OpenAI's request schemas, our /openapi.json) run: reproducible (the
+    same cases every run, none remembered between runs), no per-case deadline (a case is an HTTP
+    round trip), no health check (schema strategies are slow to draw by nature)."""
+    return settings(
+        max_examples=max_examples,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )

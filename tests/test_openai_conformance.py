@@ -14,11 +14,11 @@ from typing import Any
 
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 
 from tests.app_client import MODEL, client, make_app
 from tests.fakes import FakeEngine
-from tests.openapi_spec import SPECS
+from tests.openapi_spec import SPECS, fuzz_settings
 
 # (path, request schema, examples, served at least): chat gets the most examples; the Responses
 # API's requests are mostly hosted tools, stored prompts and conversations, which are refused.
@@ -67,13 +67,7 @@ def test_whatever_openai_allows_gets_a_conforming_answer(
             response = await c.post(path, json=body)
         return response.status_code
 
-    @settings(
-        max_examples=examples,
-        deadline=None,
-        derandomize=True,
-        database=None,
-        suppress_health_check=list(HealthCheck),
-    )
+    @fuzz_settings(examples)
     @given(case=operation.as_strategy())
     def call(case: Any) -> None:
         body = case.body

@@ -29,7 +29,7 @@ import httpx
 import numpy as np
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from schemathesis import GenerationMode
@@ -41,6 +41,7 @@ from scripts import soak
 from server.media import IPAddress, MediaFetcher, is_public_address
 from tests.fault_launcher import FATAL_MARKER, FAULT_MARKER
 from tests.http_recorder import Recorder, png_image
+from tests.openapi_spec import fuzz_settings
 from tests.server_process import (
     API_KEY,
     DRAIN_TIMEOUT_S,
@@ -789,13 +790,7 @@ def test_openapi_fuzz_never_a_server_error(caps: ServerProcess) -> None:
         modes = FUZZ_EXAMPLES if operation.body else {GenerationMode.POSITIVE: 5}
         for mode, examples in modes.items():
 
-            @settings(
-                max_examples=examples,
-                deadline=None,
-                derandomize=True,
-                database=None,
-                suppress_health_check=list(HealthCheck),
-            )
+            @fuzz_settings(examples)
             @given(case=operation.as_strategy(generation_mode=mode))
             def call(case: Any) -> None:
                 case.call_and_validate(checks=[not_a_server_error, response_schema_conformance], timeout=60)
