@@ -185,9 +185,9 @@ class PackedBatch:
         gqa = query.shape[1] != key.shape[1]
         for group in batch.groups:
             n = group.blocks.shape[0]
-            # Whole blocks by index_select (far cheaper than gathering rows), viewed as [B, H_kv, L, D].
-            k = k_pool.index_select(0, group.blocks.view(-1)).view(n, -1, heads, dim).transpose(1, 2)
-            v = v_pool.index_select(0, group.blocks.view(-1)).view(n, -1, heads, dim).transpose(1, 2)
+            # Whole blocks (far cheaper than gathering rows), viewed as [B, H_kv, L, D].
+            k, v = self.pool.gather(layer, group.blocks.view(-1))
+            k, v = k.view(n, -1, heads, dim).transpose(1, 2), v.view(n, -1, heads, dim).transpose(1, 2)
             q = query[0][:, group.rows].transpose(0, 1).unsqueeze(2)  # [B, H, 1, D]
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=group.mask, scale=scaling, enable_gqa=gqa)
             out[0][:, group.rows] = o.squeeze(2).transpose(0, 1)
