@@ -170,8 +170,9 @@ def test_refusals_hold_nothing(worker: Worker) -> None:
         assert _pixel_tensors() <= before_tensors
     finally:
         gc.enable()
-    # Held, 24 refusals would keep at least 24 x 17 MB; what remains is the allocator's noise.
-    assert grown < 120, f"RSS grew {grown:.0f} MiB over 24 refused requests"
+    # Held, 24 refusals would keep at least 24 x 17 MB (408 MB); what remains is the allocator's
+    # noise: freed pages kept by the media threads' arenas, 60-160 MiB over repeated runs.
+    assert grown < 250, f"RSS grew {grown:.0f} MiB over 24 refused requests"
 
 
 def test_a_stream_nobody_reads_pauses_and_resumes(worker: Worker) -> None:
