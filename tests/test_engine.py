@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from model_runtime.config import EngineConfig
+from model_runtime.engine.decode_window import WINDOW_TOKENS, DecodeWindow
 from model_runtime.engine.engine import Engine
 from model_runtime.engine.sequence import Request
 from model_runtime.errors import PromptTooLongError, QueueFullError, RequestFailedError
@@ -169,12 +170,14 @@ def test_batched_equals_one_at_a_time_with_joins(harness: Harness) -> None:
     assert harness.engine.stats().cache_used_blocks == 0
 
 
-def test_short_decodes_gathered_and_long_ones_in_place_give_the_same_tokens(harness: Harness) -> None:
-    """On the CPU, a decode whose context is in several runs of the pool (here: a cached shared
-    prefix, then its own blocks) is gathered and batched when short, read in place when long
-    (attention.py); both answer as transformers' generate() does."""
-    if harness.engine.runner.device.type != "cpu":
-        pytest.skip("the in-place / gathered split is the CPU's")
+def test_decode_window_gathered_and_in_place_decodes_give_the_same_tokens(harness: Harness) -> None:
+    """On the CPU a short decode with a lane is attended in the decode window (decode_window.py);
+    one without a lane whose context is in several runs of the pool (here: a cached shared
+    prefix, then its own blocks) is gathered and batched, and a long one read in place
+    (attention.py). All answer as transformers' generate() does."""
+    runner = harness.engine.runner
+    if runner.device.type != "cpu":
+        pytest.skip("the window and the in-place / gathered split are the CPU's")
     params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
     short = [ChatInput((user(f"Hello, who are you? {word}"),)) for word in ("red", "green", "blue")]
     long = [ChatInput((user("Describe the sea in detail. " * 40 + word),)) for word in ("red", "green")]
@@ -184,13 +187,18 @@ def test_short_decodes_gathered_and_long_ones_in_place_give_the_same_tokens(harn
     harness.add("warm", short[0], params)  # puts the shared prefix in the prefix cache
     harness.run()
     packs = []
-    pack = harness.engine.runner._pack
-    harness.engine.runner._pack = lambda chunks: packs.append(pack(chunks)) or packs[-1]
-    requests = [harness.add(f"mix-{i}", c, params) for i, c in enumerate(short + long)]
-    harness.run()
-    harness.engine.runner._pack = pack
+    pack, window = runner._pack, runner.window
+    runner._pack = lambda chunks: packs.append(pack(chunks)) or packs[-1]
+    pool = harness.engine.pool
+    runner.window = DecodeWindow(pool.shape, 2, WINDOW_TOKENS, pool.k[0].dtype)  # fewer lanes than decodes
+    try:
+        requests = [harness.add(f"mix-{i}", c, params) for i, c in enumerate(short + long)]
+        harness.run()
+    finally:
+        runner._pack, runner.window = pack, window
     assert [r.seqs[0].output_ids for r in requests] == references
-    assert any(batch.groups for _, _, batch, _ in packs)  # short decodes gathered
+    assert any(batch.window is not None and len(batch.window.lanes) == 2 for _, _, batch, _ in packs)
+    assert any(batch.groups for _, _, batch, _ in packs)  # the short decode without a lane: gathered
     assert any(span.decode and len(span.runs) > 1 for _, _, batch, _ in packs for span in batch.spans)
 
 
@@ -299,6 +307,39 @@ def test_a_failing_request_leaves_the_others_running(harness: Harness) -> None:
         last.finished and isinstance(last.error, RequestFailedError) and "injected" not in last.error.message
     )
     assert harness.engine.stats().cache_used_blocks == 0
+
+
+def test_a_forward_failing_between_layers_leaves_decodes_exact(harness: Harness) -> None:
+    """A packed forward that fails in a middle layer, after the first layers wrote the step's keys
+    and values (and, on the CPU, copied them into the decode window), is rerun request by request;
+    the decodes still answer as generate() does."""
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    chats = [ChatInput((user(f"Count the {word} birds."),)) for word in ("red", "blue")]
+    references = [harness.reference(harness.request(f"ref-{i}", c, params), 12) for i, c in enumerate(chats)]
+    requests = [harness.add(f"fail-mid-{i}", c, params) for i, c in enumerate(chats)]
+    for _ in range(4):
+        harness.engine.step()
+    layers = harness.engine.runner.lm.layers
+    layer = layers[len(layers) // 2]
+
+    def broken(*args, **kwargs):
+        del layer.forward  # fails once
+        raise RuntimeError("injected")
+
+    layer.forward = broken
+    harness.engine.step()
+    assert "forward" not in vars(layer)
+    window, pool = harness.engine.runner.window, harness.engine.pool
+    if window is not None:  # every lane holds what the pool holds, in every layer
+        assert window._owners
+        for seq, lane, held in window._owners.values():
+            size = pool.block_size
+            rows = [seq.block_table[p // size] * size + p % size for p in range(held)]
+            for index in range(len(layers)):
+                k_flat, _ = pool.flat(index)
+                assert torch.equal(window.k[index][lane, :, :held], k_flat[rows].transpose(0, 1))
+    harness.run()
+    assert [r.seqs[0].output_ids for r in requests] == references
 
 
 def test_chunked_prefill_matches(tmp_path) -> None:

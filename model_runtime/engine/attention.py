@@ -44,6 +44,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from model_runtime.engine.decode_window import WindowBatch
 from model_runtime.engine.kv_cache import KVPool
 
 ATTENTION_NAME = "internvl_paged"
@@ -126,6 +127,7 @@ class PackedBatch:
     slot_mapping: torch.Tensor  # [T] long: pool row of each new token
     spans: list[Span]
     groups: list[DecodeGroup] = field(default_factory=list)
+    window: WindowBatch | None = None  # CPU: short decodes attended in the decode window
     _on: dict[tuple[torch.device, torch.dtype], PackedBatch] = field(default_factory=dict)
 
     def on(self, device: torch.device, dtype: torch.dtype) -> PackedBatch:
@@ -158,6 +160,8 @@ class PackedBatch:
         v_flat.index_copy_(0, batch.slot_mapping, value[0].transpose(0, 1).to(v_flat.dtype))
         out = torch.empty_like(query)
         in_place = k_flat.device.type == "cpu"
+        if self.window is not None:
+            self.window.attend(layer, query, k_flat, v_flat, scaling, out)
         self._attend_gathered(batch, layer, query, key, value, scaling, out, spans=not in_place)
         if in_place:
             for span in batch.spans:

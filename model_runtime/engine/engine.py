@@ -18,6 +18,7 @@ import torch
 
 from model_runtime.config import EngineConfig
 from model_runtime.engine.block_manager import KVCacheManager
+from model_runtime.engine.decode_window import WINDOW_BUDGET_SHARE, WINDOW_TOKENS, DecodeWindow
 from model_runtime.engine.detokenizer import IncrementalDetokenizer
 from model_runtime.engine.guided import GuidedDecoding
 from model_runtime.engine.kv_cache import CacheShape, KVPool, blocks_for_budget
@@ -81,6 +82,18 @@ def cache_budget_bytes(config: EngineConfig, device: torch.device) -> int:
     return int(CPU_DEFAULT_CACHE_GIB * 2**30)
 
 
+def _decode_window(
+    shape: CacheShape, dtype: torch.dtype, budget: int, max_seqs: int, devices: list[torch.device]
+) -> DecodeWindow | None:
+    """The CPU's decode window (decode_window.py): a lane per running sequence where that fits in
+    WINDOW_BUDGET_SHARE of the KV cache's budget, allocated beside the pool."""
+    if any(device.type != "cpu" for device in devices):
+        return None
+    lane_bytes = WINDOW_TOKENS * shape.bytes_per_token(dtype)
+    lanes = min(max_seqs, int(budget * WINDOW_BUDGET_SHARE) // lane_bytes)
+    return DecodeWindow(shape, lanes, WINDOW_TOKENS, dtype) if lanes > 0 else None
+
+
 class Engine:
     """Synchronous engine; the worker calls add/abort/step from its own thread."""
 
@@ -90,7 +103,8 @@ class Engine:
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         shape = CacheShape(text.num_hidden_layers, text.num_key_value_heads, head_dim)
         size = config.block_size
-        num_blocks = blocks_for_budget(shape, loaded.dtype, cache_budget_bytes(config, loaded.device), size)
+        budget = cache_budget_bytes(config, loaded.device)
+        num_blocks = blocks_for_budget(shape, loaded.dtype, budget, size)
         reserve = max(1, int(RESERVE_FRACTION * num_blocks))
         fits = (num_blocks - 1 - reserve) * size  # the longest sequence the pool always holds
         if fits < 2 * size:
@@ -114,13 +128,16 @@ class Engine:
         layers = loaded.model.model.language_model.layers
         devices = [next(layer.parameters()).device for layer in layers]
         self.pool = KVPool(shape, num_blocks, size, loaded.dtype, devices)
+        self.window = _decode_window(shape, loaded.dtype, budget, config.max_num_seqs, devices)
         self.kv = KVCacheManager(num_blocks, size, prefix_caching=config.enable_prefix_caching)
         self.vision_cache = VisionFeatureCache(config.vision_cache_mib * 2**20)
         vocab_size = int(loaded.model.get_output_embeddings().weight.shape[0])
         self.vocabulary = Vocabulary(loaded.tokenizer, vocab_size, loaded.stop_token_ids)
         kind = "cuda" if loaded.device.type == "cuda" else "cpu"
         vision_batch = VISION_BATCH_TILES_GPU if kind == "cuda" else VISION_BATCH_TILES_CPU
-        self.runner = ModelRunner(loaded, self.pool, self.vision_cache, max_vision_batch_tiles=vision_batch)
+        self.runner = ModelRunner(
+            loaded, self.pool, self.vision_cache, max_vision_batch_tiles=vision_batch, window=self.window
+        )
         target = None if config.step_time_target_ms is None else config.step_time_target_ms / 1000
         self.cost = StepCostModel(
             target,
@@ -157,6 +174,13 @@ class Engine:
             shape.bytes_per_token(loaded.dtype),
             "on" if config.enable_prefix_caching else "off",
         )
+        if self.window is not None:
+            log.info(
+                "decode window: %d lanes of %d tokens (%.1f MiB) for short decodes",
+                self.window.num_lanes,
+                self.window.width,
+                self.window.total_bytes / 2**20,
+            )
 
     @property
     def fault_hook(self) -> Callable[[Request], None] | None:

@@ -25,6 +25,7 @@ from model_runtime.engine.attention import (
     contiguous_runs,
     group_decodes,
 )
+from model_runtime.engine.decode_window import DecodeWindow
 from model_runtime.engine.guided import GuidedDecoding
 from model_runtime.engine.kv_cache import KVPool
 from model_runtime.engine.sampler import (
@@ -116,6 +117,7 @@ class ModelRunner:
         vision_cache: VisionFeatureCache,
         *,
         max_vision_batch_tiles: int = 64,
+        window: DecodeWindow | None = None,
     ) -> None:
         self.loaded = loaded
         self.model = loaded.model
@@ -130,6 +132,7 @@ class ModelRunner:
         self.guided = GuidedDecoding(self.vocab_size)
         self.pool = pool
         self.block_size = pool.block_size
+        self.window = window
         self.vision = VisionEncoder(
             loaded.model, loaded.dtype, vision_cache, max_batch_tiles=max_vision_batch_tiles
         )
@@ -156,6 +159,8 @@ class ModelRunner:
         spans: list[Span] = []
         decodes: list[tuple[int, int, list[int]]] = []  # (packed row, context length, blocks): gathered
         images: list[tuple[int, ImageSlot, int, int]] = []  # (packed row, image, first, last feature row)
+        short: list[tuple[Sequence, int, int, list[int]]] = []  # decodes for the window
+        placed: list[tuple[Sequence, Span]] = []
         for chunk in chunks:
             seq, start, end = chunk.seq, chunk.start, chunk.end
             if self.fault_hook is not None and start < seq.request.prompt_len:
@@ -165,20 +170,31 @@ class ModelRunner:
             positions.append(torch.arange(start, end))
             new_slots.append(self._slots(seq, start, end))
             span = Span(row, row + end - start, start)
-            runs = contiguous_runs(seq.block_table, size, end if span.decode else start) if in_place else []
-            if in_place and not (span.decode and len(runs) > 1 and end <= CPU_GATHER_MAX_CONTEXT):
-                span.runs = runs
-                spans.append(span)
-            elif span.decode:
-                decodes.append((row, end, seq.block_table[: -(-end // size)]))
+            if self.window is not None and span.decode and end <= self.window.width:
+                short.append((seq, row, end, seq.block_table))
             else:
-                span.blocks = torch.tensor(seq.block_table[: -(-end // size)]) if start > 0 else None
-                spans.append(span)
+                placed.append((seq, span))
             for image in seq.request.images if start < seq.request.prompt_len else ():
                 a, b = max(start, image.start), min(end, image.end)
                 if a < b:
                     images.append((row + a - start, image, a - image.start, b - image.start))
-        batch = PackedBatch(pool=self.pool, slot_mapping=torch.cat(new_slots), spans=spans)
+        window = None
+        if self.window is not None:
+            window, left = self.window.plan(short, size)
+            placed += [(short[i][0], Span(short[i][1], short[i][1] + 1, short[i][2] - 1)) for i in left]
+        for seq, span in placed:
+            end = span.position + span.q_end - span.q_start
+            context = end if span.decode else span.position
+            runs = contiguous_runs(seq.block_table, size, context) if in_place else []
+            if in_place and not (span.decode and len(runs) > 1 and end <= CPU_GATHER_MAX_CONTEXT):
+                span.runs = runs
+                spans.append(span)
+            elif span.decode:
+                decodes.append((span.q_start, end, seq.block_table[: -(-end // size)]))
+            else:
+                span.blocks = torch.tensor(seq.block_table[: -(-end // size)]) if span.position > 0 else None
+                spans.append(span)
+        batch = PackedBatch(pool=self.pool, slot_mapping=torch.cat(new_slots), spans=spans, window=window)
         # On the CPU the gathered decodes are short and a call costs more than its padding: one group.
         lengths = [d[1] for d in decodes]
         groups = [list(range(len(decodes)))] if in_place and decodes else group_decodes(lengths)
@@ -199,6 +215,14 @@ class ModelRunner:
     def forward(self, chunks: Seq[Chunk]) -> ForwardOutput:
         """Compute the chunks in one forward: logits [S, V] for the chunks that sample, in order,
         and the prompt log-probabilities of chunks whose requests ask for them."""
+        try:
+            return self._forward(chunks)
+        except BaseException:
+            if self.window is not None:
+                self.window.reset()  # a layer may have failed between filling lanes and the next
+            raise
+
+    def _forward(self, chunks: Seq[Chunk]) -> ForwardOutput:
         ids, positions, batch, images = self._pack(chunks)
         embeds = self.embed(ids.to(self.device))  # [T, hidden]
         if images:
