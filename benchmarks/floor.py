@@ -147,11 +147,14 @@ class Shapes:
 def decode_weight_bytes(model) -> int:
     """Bytes of weights one decode step must read: the language model's layers, final norm and
     output head. Not the vision tower or projector, and not the input embedding table, of which a
-    step reads one row (unless it is tied to the head, where the head's read counts it once)."""
+    step reads one row (unless it is tied to the head, where the head's read counts it once).
+    Weights the engine packed for oneDNN (cpu_linear.py) are buffers, not parameters."""
     language_model = model.model.language_model
     embedding = language_model.get_input_embeddings().weight
-    tensors = {id(t): t for t in (*language_model.parameters(), *model.lm_head.parameters())}
-    if all(t is not embedding for t in model.lm_head.parameters()):
+    packed = [b for module in (language_model, model.lm_head) for b in module.buffers() if b.is_mkldnn]
+    head = list(model.lm_head.parameters())
+    tensors = {id(t): t for t in (*language_model.parameters(), *head, *packed)}
+    if all(t is not embedding for t in head):
         tensors.pop(id(embedding))
     return sum(t.numel() * t.element_size() for t in tensors.values())
 

@@ -31,7 +31,9 @@ from floor import Roofline, sync  # benchmarks/ is on sys.path when run as a scr
 from PIL import Image
 
 from model_runtime.config import EngineConfig
+from model_runtime.cpu_threads import release_openmp_pool
 from model_runtime.engine.worker import Worker
+from model_runtime.loading.checkpoint import load_checkpoint
 from model_runtime.loading.tiny import write_tiny_checkpoint
 from model_runtime.request import ChatInput, ImageInput, Message
 from model_runtime.sampling_params import SamplingParams
@@ -77,9 +79,11 @@ def params_for(workload: Workload) -> SamplingParams:
     return SamplingParams(max_tokens=workload.max_tokens, temperature=0.0, ignore_eos=True)
 
 
-def run_baseline(worker: Worker, chats: list[ChatInput], workload: Workload) -> tuple[float, list[list[int]]]:
-    """transformers generate(), one request at a time (the seeds' model.chat() loop)."""
-    model = worker.loaded.model
+def run_baseline(
+    worker: Worker, model: torch.nn.Module, chats: list[ChatInput], workload: Workload
+) -> tuple[float, list[list[int]]]:
+    """transformers generate(), one request at a time (the seeds' model.chat() loop), on `model`:
+    a stock copy of the checkpoint (the worker's own has its CPU linears packed, cpu_linear.py)."""
     model.generation_config.eos_token_id = None
     device = worker.loaded.device
     outputs, tokens, start = [], 0, time.perf_counter()
@@ -120,6 +124,9 @@ async def _one(worker: Worker, rid: str, chat: ChatInput, params: SamplingParams
 async def run_worker(
     worker: Worker, chats: list[ChatInput], workload: Workload, concurrency: int
 ) -> tuple[float, list[list[int]]]:
+    # This thread ran torch work of its own (the baseline, loading): it gives up its OpenMP pool,
+    # as the worker's own threads do (model_runtime/cpu_threads.py).
+    release_openmp_pool()
     gate = asyncio.Semaphore(concurrency)
 
     async def limited(i: int, chat: ChatInput) -> list[int]:
@@ -133,7 +140,9 @@ async def run_worker(
     return sum(len(o) for o in outputs) / elapsed, outputs
 
 
-def prefill_efficiency(worker: Worker, chats: list[ChatInput], workload: Workload) -> tuple[float, float]:
+def prefill_efficiency(
+    worker: Worker, model: torch.nn.Module, chats: list[ChatInput], workload: Workload
+) -> tuple[float, float]:
     """Seconds for the engine's prefill of these requests (batched vision, then packed forwards of
     at most max_num_batched_tokens), and for one plain batched forward of the same tokens
     (transformers, padded batch, as the model card's batch_chat runs it).
@@ -142,7 +151,7 @@ def prefill_efficiency(worker: Worker, chats: list[ChatInput], workload: Workloa
     """
     from model_runtime.engine.scheduler import Chunk, VisionTask
 
-    engine, model = worker.engine, worker.loaded.model
+    engine = worker.engine
     device = worker.loaded.device
     requests = [worker.processor.process(f"pf-{i}", c, params_for(workload)) for i, c in enumerate(chats)]
     pixels = torch.cat([im.pixel_values for r in requests for im in r.images]).to(device, model.dtype)
@@ -234,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         path = write_tiny_checkpoint(tmp, layout="original", llm="qwen2", size=args.size, seed=0)
         worker = start_worker(path, args.device, args.dtype, max(args.concurrency))
+        stock = load_checkpoint(worker.config).model  # what model.chat() runs: transformers as shipped
         device = worker.loaded.device
         print(f"# model: random InternVL '{args.size}', {args.dtype} on {device}; torch {torch.__version__}")
         pool = worker.engine.pool
@@ -253,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
             bases: list[float] = []
             rows: dict[int, list[tuple[float, float]]] = {c: [] for c in args.concurrency}
             for _ in range(args.repeats):  # the baseline, then every level, in each run
-                base_tps, base_out = run_baseline(worker, base_chats, workload)
+                base_tps, base_out = run_baseline(worker, stock, base_chats, workload)
                 bases.append(base_tps)
                 for concurrency in args.concurrency:
                     count = max(args.rounds * concurrency, args.baseline_requests)
@@ -278,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
             if workload.with_image:
                 count = max(args.concurrency)
-                ours, plain = prefill_efficiency(worker, make_chats(workload, count), workload)
+                ours, plain = prefill_efficiency(worker, stock, make_chats(workload, count), workload)
                 print(
                     f"prefill of {count} image requests: engine {ours:.2f} s vs one plain batched forward "
                     f"{plain:.2f} s ({plain / ours:.0%} of the plain forward's speed)"

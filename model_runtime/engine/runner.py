@@ -25,6 +25,7 @@ from model_runtime.engine.attention import (
     contiguous_runs,
     group_decodes,
 )
+from model_runtime.engine.cpu_linear import pack_linears
 from model_runtime.engine.decode_window import DecodeWindow
 from model_runtime.engine.guided import GuidedDecoding
 from model_runtime.engine.kv_cache import KVPool
@@ -125,6 +126,8 @@ class ModelRunner:
         # The LM's attention modules call attention.paged_attention, which is plain SDPA unless a
         # packed step is passed (generate() on the same model stays what it was).
         self.lm.config._attn_implementation = attention.ATTENTION_NAME
+        if loaded.device.type == "cpu":
+            pack_linears(self.lm, loaded.model.get_output_embeddings(), loaded.model)
         self.embed = self.lm.get_input_embeddings()
         self.lm_head = loaded.model.get_output_embeddings()
         self.device = self.embed.weight.device

@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 
 from model_runtime.config import EngineConfig
+from model_runtime.cpu_threads import release_openmp_pool, use_one_openmp_thread
 from model_runtime.engine.engine import Engine
 from model_runtime.engine.sequence import Request
 from model_runtime.engine_client import HealthState, ModelInfo
@@ -83,13 +84,15 @@ class Worker:
         # request never holds more than half the threads: a request with sixteen slow images waits
         # for its own images, not everybody else for them. Prompts are built and tokenized on their
         # own thread, so a text-only request never queues behind anybody's pixels.
+        # Their threads run torch on themselves alone (cpu_threads.py: the engine thread's steps slow
+        # down by half while other threads keep OpenMP pools).
         self._media = FairExecutor(
             config.preprocess_workers,
             per_lane=max(1, config.preprocess_workers // 2),
             name="internvl-media",
-            initializer=resize.lower_priority,
+            initializer=resize.media_thread,
         )
-        self._prompts = FairExecutor(1, per_lane=1, name="internvl-prompt")
+        self._prompts = FairExecutor(1, per_lane=1, name="internvl-prompt", initializer=use_one_openmp_thread)
         self._state: HealthState = "starting"
         self._stop = threading.Event()
         self._stats = self.engine.stats()
@@ -107,6 +110,7 @@ class Worker:
         worker = cls(load_checkpoint(config), config)
         worker._thread.start()
         worker._warm_up()
+        release_openmp_pool()  # loading and the warm-up's pixels ran on this thread (cpu_threads.py)
         # What exists now (the model, the tokenizer, the imports) lives as long as the process: keep
         # it out of the cyclic collector's passes, whose pauses would stall steps.
         gc.freeze()
@@ -150,6 +154,10 @@ class Worker:
     def _free_memory(self) -> None:
         self.engine.pool.release()
         with torch.no_grad():
+            for module in self.loaded.model.modules():  # oneDNN-packed weights (cpu_linear.py) have
+                for name, buffer in list(module.named_buffers(recurse=False)):  # no .data to swap
+                    if buffer is not None and buffer.is_mkldnn:
+                        setattr(module, name, torch.empty(0))
             for tensor in itertools.chain(self.loaded.model.parameters(), self.loaded.model.buffers()):
                 tensor.data = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
         trim_heap()
