@@ -29,6 +29,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from PIL import Image
 from PIL import __version__ as _pillow_version
 
+from model_runtime.cpu_threads import use_one_openmp_thread
+
 BICUBIC = Image.Resampling.BICUBIC
 PILLOW_VERSION = tuple(int(part) for part in _pillow_version.split(".")[:2])
 # Below this many source pixels per strip, a thread hand-off costs more than the strip saves.
@@ -60,13 +62,20 @@ def lower_priority() -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), MEDIA_NICE)
 
 
+def media_thread() -> None:
+    """Initializer of the media threads: a lower OS priority, and torch run on the thread alone
+    (model_runtime/cpu_threads.py: an OpenMP pool on any thread but the engine's slows its steps)."""
+    lower_priority()
+    use_one_openmp_thread()
+
+
 def shared_pool() -> ThreadPoolExecutor:
     """One process-wide pool: every preprocessing thread shares it, so strips never outnumber cores."""
     global _pool
     with _pool_lock:
         if _pool is None:
             _pool = ThreadPoolExecutor(
-                max_workers=pool_size(), thread_name_prefix="internvl-resize", initializer=lower_priority
+                max_workers=pool_size(), thread_name_prefix="internvl-resize", initializer=media_thread
             )
         return _pool
 
