@@ -47,7 +47,7 @@ class EngineOptions(BaseModel):
     """reuse the keys and values of prompt prefixes computed before (chat history, shared system prompts)"""
     step_time_target_ms: float | None = None
     """ms a step with prefill or image work may take; None = 3x the decode step while streams decode
-    (at least 75 ms on CPU, 30 on CUDA), else 250 ms on CPU, 100 on CUDA"""
+    (at least 45 ms on CPU, 30 on CUDA), else 250 ms on CPU, 100 on CUDA"""
     max_waiting: int = 256
     """queued requests before new ones get 503"""
     kv_cache_memory_gib: float | None = None

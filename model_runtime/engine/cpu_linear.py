@@ -8,8 +8,9 @@ what PyTorch's own compiler uses for CPU linears). The packed form was also fast
 (15 vs 25 ms for all matrices) and at 256 (71 vs 92 ms). A decode step reads every weight, so this
 is most of the step at low concurrency.
 
-Only plain `nn.Linear` modules of the decoder layers are replaced, and the output projection when
-its weight is not the input embeddings' (a tied one would need both layouts). The packed weight
+Only plain `nn.Linear` modules are replaced: the decoder layers', the vision tower's and the
+projector's (a vision tile runs ~1,000 rows through them), and the output projection when its
+weight is not the input embeddings' (a tied one would need both layouts). The packed weight
 takes the original's place, so memory does not grow. Results equal the original's to float
 rounding (max |diff| ~1e-5 in fp32); the engine and anything else that runs the same modules
 (`generate()` in the parity tests) compute the same numbers. Without oneDNN (PyTorch builds for
@@ -45,19 +46,23 @@ class PackedLinear(nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
-def pack_linears(lm: nn.Module, lm_head: nn.Linear, parent: nn.Module) -> int:
-    """Replace the decoder layers' linear layers (and `parent.lm_head`, if untied) with PackedLinear;
-    return how many were replaced (0 where oneDNN cannot run them)."""
+def pack_linears(model: nn.Module) -> int:
+    """Replace the plain linear layers of an InternVL's decoder layers, vision tower and projector
+    (and its output projection, if untied) with PackedLinear; return how many were replaced (0
+    where oneDNN cannot run them)."""
     if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
         return 0
+    inner = model.model
+    lm = inner.language_model
     targets: list[tuple[nn.Module, str, nn.Linear]] = []
-    for owner in lm.layers.modules():
-        for name, child in owner.named_children():
-            if type(child) is nn.Linear:  # not quantized or otherwise specialised subclasses
-                targets.append((owner, name, child))
-    embedding = lm.get_input_embeddings().weight
-    if type(lm_head) is nn.Linear and lm_head.weight is not embedding and hasattr(parent, "lm_head"):
-        targets.append((parent, "lm_head", lm_head))
+    for root in (lm.layers, inner.vision_tower, inner.multi_modal_projector):
+        for owner in root.modules():
+            for name, child in owner.named_children():
+                if type(child) is nn.Linear:  # not quantized or otherwise specialised subclasses
+                    targets.append((owner, name, child))
+    head = model.get_output_embeddings()
+    if type(head) is nn.Linear and head.weight is not lm.get_input_embeddings().weight:
+        targets.append((model, "lm_head", head))
     if not targets or targets[0][2].weight.dtype not in (torch.float32, torch.bfloat16):
         return 0
     owner, name, linear = targets[0]

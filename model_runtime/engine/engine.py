@@ -52,10 +52,11 @@ VISION_BATCH_TILES_GPU = 64
 # requests, so the bound only keeps new arrivals from waiting behind a long vision step).
 MAX_STEP_TILES = {"cpu": 16, "cuda": 128}
 # While sequences decode and the setting leaves the step time to the engine, a step with prefill or
-# vision work may take 3x what a decode-only step takes, but at least this (a CPU step of a few
-# decodes takes 20-30 ms on the small benchmark model, one vision tile about 80 ms, encoded in
-# slices across steps; at 100 ms the stall goal's worst gap was 6.6x the quiet one, at 75 ms 5.3x).
-STEP_FLOOR_MS = {"cpu": 75.0, "cuda": 30.0}
+# vision work may take 3x what a decode-only step takes, but at least this (on the small benchmark
+# model a CPU step of four decodes takes ~12 ms, a vision tile ~80 ms, encoded in slices across
+# steps; the stall goal's worst gap over the quiet one: 10.6x at 75 ms, 6.9x at 45, 8.9x at 35,
+# where slices no longer fit the budget and the forced ones overrun it).
+STEP_FLOOR_MS = {"cpu": 45.0, "cuda": 30.0}
 # With nothing decoding, a step may take this long: a request arriving meanwhile waits about that
 # long to start, while a long prompt's chunks stay large enough that per-step overhead is small.
 STEP_IDLE_MS = {"cpu": 250.0, "cuda": 100.0}

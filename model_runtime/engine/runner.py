@@ -127,7 +127,7 @@ class ModelRunner:
         # packed step is passed (generate() on the same model stays what it was).
         self.lm.config._attn_implementation = attention.ATTENTION_NAME
         if loaded.device.type == "cpu":
-            pack_linears(self.lm, loaded.model.get_output_embeddings(), loaded.model)
+            pack_linears(loaded.model)
         self.embed = self.lm.get_input_embeddings()
         self.lm_head = loaded.model.get_output_embeddings()
         self.device = self.embed.weight.device
