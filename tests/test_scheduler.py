@@ -432,6 +432,25 @@ def test_a_tile_too_long_for_the_step_is_encoded_in_slices_of_its_stages() -> No
     assert image.images[0].tiles_ready == 2 and not streaming.finished
 
 
+def test_slices_of_a_tile_follow_the_cost_of_its_stages() -> None:
+    """A ViT layer costs several times the patch embedding or the projector: slices are cut by
+    each stage's share of the tile's time, not by equal counts of stages."""
+    sched = make_scheduler(blocks=200, max_model_len=512)
+    sched.vision_stages = 6
+    sched.vision_stage_shares = (1.0, 4.0, 4.0, 4.0, 4.0, 1.0)  # 0.017 s, 4 x 0.067 s, 0.017 s
+    sched.cost = FixedCost(0.1005, base=0.0, token_s=0.0001, tile_s=0.3)
+    engine = FakeEngine(sched)
+    streaming = make_request(8, max_tokens=100)
+    sched.add(streaming)
+    engine.step()
+    image = make_request(60, max_tokens=2, images=[("img", 4, 1, 10)])
+    sched.add(image)
+    tasks = []
+    while not image.finished:
+        tasks += [t.stages for t in engine.step().vision]
+    assert tasks == [(0, 2), (2, 3), (3, 4), (4, 6)]
+
+
 def test_two_different_images_share_no_blocks_but_the_same_image_does() -> None:
     sched = make_scheduler(blocks=200, block_size=4)
     engine = FakeEngine(sched)

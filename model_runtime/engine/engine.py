@@ -156,6 +156,7 @@ class Engine:
             max_waiting=config.max_waiting,
             reserve_blocks=reserve,
             vision_stages=self.runner.vision.stages,
+            vision_stage_shares=self.runner.vision.stage_shares,
         )
         self.requests: dict[str, Request] = {}
         # For metrics: multimodal-cache queries and hits (images and video frames, each counted once

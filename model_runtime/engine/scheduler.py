@@ -300,9 +300,13 @@ class Scheduler:
         max_waiting: int,
         reserve_blocks: int = 1,
         vision_stages: int = 1,
+        vision_stage_shares: tuple[float, ...] | None = None,
     ) -> None:
         self.kv = kv
         self.vision_stages = vision_stages  # a tile's vision work can be cut into this many slices
+        # Each slice's share of a tile's time (uneven: a ViT layer costs several times the patch
+        # embedding); None: equal shares.
+        self.vision_stage_shares = vision_stage_shares
         self.cost = cost
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -541,13 +545,13 @@ class Scheduler:
             return image.tiles_ready if done < 0 else done
         ready, stage = image.tiles_ready, image.stage
         tile_s = self.cost.tile_seconds
-        stage_s = tile_s / self.vision_stages
+        stage_s = self._stage_seconds(tile_s)
         if ready < image.num_tiles and budget.tiles > 0 and stage > 0:  # finish the tile in progress
             left = self.vision_stages - stage
-            take = min(left, max(int(budget.seconds / stage_s), 1 if first else 0))
+            take = min(left, max(_stages_within(stage_s, stage, budget.seconds), 1 if first else 0))
             if take > 0:
                 plan.vision.append(VisionTask(image, ready, ready + 1, (stage, stage + take)))
-                budget.seconds -= take * stage_s
+                budget.seconds -= sum(stage_s[stage : stage + take])
                 first = False
                 if take == left:
                     ready, stage = ready + 1, 0
@@ -564,13 +568,21 @@ class Scheduler:
                 budget.seconds -= take * tile_s
                 ready += take
             elif first:  # not even one tile fits: a slice of one, so the image still progresses
-                part = max(1, min(self.vision_stages - 1, int(budget.seconds / stage_s)))
+                part = max(1, min(self.vision_stages - 1, _stages_within(stage_s, 0, budget.seconds)))
                 plan.vision.append(VisionTask(image, ready, ready + 1, (0, part)))
-                budget.seconds -= part * stage_s
+                budget.seconds -= sum(stage_s[:part])
                 planned[id(image)] = -1
                 return ready
         planned[id(image)] = ready
         return ready
+
+    def _stage_seconds(self, tile_s: float) -> list[float]:
+        """Seconds of each vision slice of one tile."""
+        shares = self.vision_stage_shares
+        if shares is None or len(shares) != self.vision_stages:
+            return [tile_s / self.vision_stages] * self.vision_stages
+        total = sum(shares)
+        return [tile_s * share / total for share in shares]
 
     # -- results ---------------------------------------------------------------------------------
 
@@ -619,3 +631,14 @@ class Scheduler:
     @property
     def num_waiting(self) -> int:
         return len(self.waiting)
+
+
+def _stages_within(stage_s: list[float], first: int, seconds: float) -> int:
+    """How many slices from `first` on fit in `seconds`."""
+    count = 0
+    for cost in stage_s[first:]:
+        if cost > seconds:
+            break
+        seconds -= cost
+        count += 1
+    return count
