@@ -37,6 +37,7 @@ sequence's keys, and no decode is padded on the CPU.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -44,8 +45,10 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from model_runtime.engine.decode_window import WindowBatch
 from model_runtime.engine.kv_cache import KVPool
+
+if TYPE_CHECKING:  # decode_window builds on this module's helpers
+    from model_runtime.engine.decode_window import WindowBatch
 
 ATTENTION_NAME = "internvl_paged"
 # On devices other than the CPU, decodes of similar context length share one SDPA call, padded to
@@ -104,6 +107,23 @@ def group_decodes(lengths: list[int]) -> list[list[int]]:
         groups.append([index])
         total = length
     return groups
+
+
+def pool_rows(table: list[int], block_size: int, start: int, end: int) -> torch.Tensor:
+    """Pool rows [n] long of a sequence's tokens [start, end), from its block table."""
+    first, last = start // block_size, (end - 1) // block_size + 1
+    blocks = torch.tensor(table[first:last], dtype=torch.long)
+    rows = (blocks[:, None] * block_size + torch.arange(block_size)[None, :]).view(-1)
+    return rows[start - first * block_size : end - first * block_size]
+
+
+def padding_mask(lengths: torch.Tensor, width: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """Additive mask [n, width] hiding each row's keys past its length (0 or -inf); None when no
+    row is shorter than `width`."""
+    if not bool((lengths != width).any()):
+        return None
+    hidden = torch.arange(width)[None, :] >= lengths[:, None]
+    return torch.zeros(hidden.shape, dtype=dtype).masked_fill(hidden, float("-inf"))
 
 
 def contiguous_runs(table: list[int], block_size: int, tokens: int) -> list[tuple[int, int]]:

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from model_runtime.engine.attention import padding_mask, pool_rows
 from model_runtime.engine.kv_cache import CacheShape
 
 # Lanes and their width when the engine sizes them (engine.py): contexts up to this many tokens,
@@ -121,7 +122,7 @@ class DecodeWindow:
         lanes: list[int] = []
         rows: list[int] = []
         ends: list[int] = []
-        fills: tuple[list[int], list[int], list[int]] = ([], [], [])
+        fills: tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]] = ([], [], [])
         left: list[int] = []
         for index, (seq, row, end, table) in enumerate(decodes):
             entry = self._owners.get(id(seq))
@@ -135,10 +136,10 @@ class DecodeWindow:
                 if held >= end:  # not a continuation of what the lane holds: refill it
                     held = 0
             self._owners[id(seq)] = (seq, lane, end)
-            for position in range(held, end):
-                fills[0].append(lane)
-                fills[1].append(position)
-                fills[2].append(table[position // block_size] * block_size + position % block_size)
+            if held < end:
+                fills[0].append(torch.full((end - held,), lane, dtype=torch.long))
+                fills[1].append(torch.arange(held, end))
+                fills[2].append(pool_rows(table, block_size, held, end))
             lanes.append(lane)
             rows.append(row)
             ends.append(end)
@@ -149,11 +150,10 @@ class DecodeWindow:
         query_rows[lanes] = torch.tensor(rows)
         lengths = torch.full((top,), width)  # idle lanes: attend to whatever they hold, ignored
         lengths[lanes] = torch.tensor(ends)
-        mask = None
-        if bool((lengths != width).any()):
-            hidden = torch.arange(width)[None, :] >= lengths[:, None]
-            mask = torch.zeros(hidden.shape, dtype=self.dtype).masked_fill(hidden, float("-inf"))
+        mask = padding_mask(lengths, width, self.dtype)
+        if mask is not None:
             mask = mask.repeat_interleave(self.kv_heads, dim=0)[:, None, :]  # one row per (lane, KV head)
+        empty = torch.empty(0, dtype=torch.long)
         batch = WindowBatch(
             self,
             top,
@@ -161,9 +161,7 @@ class DecodeWindow:
             torch.tensor(lanes),
             torch.tensor(rows),
             query_rows,
-            torch.tensor(fills[0], dtype=torch.long),
-            torch.tensor(fills[1], dtype=torch.long),
-            torch.tensor(fills[2], dtype=torch.long),
+            *(torch.cat(parts) if parts else empty for parts in fills),
             mask,
         )
         return batch, left

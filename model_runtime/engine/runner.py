@@ -24,6 +24,8 @@ from model_runtime.engine.attention import (
     Span,
     contiguous_runs,
     group_decodes,
+    padding_mask,
+    pool_rows,
 )
 from model_runtime.engine.cpu_linear import pack_linears
 from model_runtime.engine.decode_window import DecodeWindow
@@ -144,14 +146,6 @@ class ModelRunner:
 
     # -- language model ----------------------------------------------------------------------------
 
-    def _slots(self, seq: Sequence, start: int, end: int) -> torch.Tensor:
-        """Pool rows of seq's tokens [start, end)."""
-        size = self.block_size
-        first, last = start // size, (end - 1) // size + 1
-        table = torch.tensor(seq.block_table[first:last], dtype=torch.long)
-        rows = (table[:, None] * size + torch.arange(size)[None, :]).view(-1)
-        return rows[start - first * size : end - first * size]
-
     def _pack(self, chunks: Seq[Chunk]) -> tuple[torch.Tensor, torch.Tensor, PackedBatch, list[tuple]]:
         size = self.block_size
         # See attention.py: the CPU reads the pool in place, but for short decodes in several runs.
@@ -171,7 +165,7 @@ class ModelRunner:
             row = len(ids)
             ids.extend(seq.tokens(start, end))
             positions.append(torch.arange(start, end))
-            new_slots.append(self._slots(seq, start, end))
+            new_slots.append(pool_rows(seq.block_table, size, start, end))
             span = Span(row, row + end - start, start)
             if self.window is not None and span.decode and end <= self.window.width:
                 short.append((seq, row, end, seq.block_table))
@@ -206,11 +200,8 @@ class ModelRunner:
             blocks = torch.zeros((len(members), width), dtype=torch.long)  # padding: block 0
             for out, i in zip(blocks, members, strict=True):
                 out[: len(decodes[i][2])] = torch.tensor(decodes[i][2])
-            lengths = torch.tensor([decodes[i][1] for i in members])
-            mask = None
-            if bool((lengths != width * size).any()):
-                hidden = torch.arange(width * size)[None, :] >= lengths[:, None]
-                mask = torch.zeros(hidden.shape).masked_fill(hidden, float("-inf"))[:, None, None, :]
+            mask = padding_mask(torch.tensor([decodes[i][1] for i in members]), width * size, torch.float32)
+            mask = None if mask is None else mask[:, None, None, :]
             batch.groups.append(DecodeGroup(torch.tensor([decodes[i][0] for i in members]), blocks, mask))
         return torch.tensor(ids), torch.cat(positions), batch, images
 
