@@ -579,8 +579,9 @@ class Scheduler:
     def _stage_seconds(self, tile_s: float) -> list[float]:
         """Seconds of each vision slice of one tile."""
         shares = self.vision_stage_shares
-        if shares is None or len(shares) != self.vision_stages:
+        if shares is None:
             return [tile_s / self.vision_stages] * self.vision_stages
+        assert len(shares) == self.vision_stages, "one share per vision stage"
         total = sum(shares)
         return [tile_s * share / total for share in shares]
 
