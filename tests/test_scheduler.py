@@ -413,21 +413,32 @@ def test_images_encode_in_order_within_the_tile_budget_and_gate_the_prefill() ->
     assert plans[0].chunks[0].end == 5 + 30  # up to the first tile not yet encoded
 
 
-def test_a_tile_too_long_for_the_step_is_encoded_in_slices_of_its_stages() -> None:
+def _image_beside_a_stream(
+    tiles: int, shares: tuple[float, ...] | None = None
+) -> tuple[list[StepPlan], Request, Request]:
+    """The plans of the steps that encode an image of `tiles` tiles (6 vision stages of those
+    `shares`, a tile worth three steps) while a stream decodes; and the image's and the stream's
+    requests."""
     sched = make_scheduler(blocks=200, max_model_len=512)
     sched.vision_stages = 6
-    sched.cost = FixedCost(0.1005, base=0.0, token_s=0.0001, tile_s=0.3)  # one tile: three steps
+    sched.vision_stage_shares = shares
+    sched.cost = FixedCost(0.1005, base=0.0, token_s=0.0001, tile_s=0.3)
     engine = FakeEngine(sched)
     streaming = make_request(8, max_tokens=100)
     sched.add(streaming)
     engine.step()
-    image = make_request(60, max_tokens=2, images=[("img", 4, 2, 10)])
+    image = make_request(60, max_tokens=2, images=[("img", 4, tiles, 10)])
     sched.add(image)
-    tasks = []
+    plans = []
     while not image.finished:
-        plan = engine.step()
-        tasks += [(t.start, t.stages) for t in plan.vision]
-        assert plan.num_tiles == 0  # never a whole tile while a stream decodes
+        plans.append(engine.step())
+    return plans, image, streaming
+
+
+def test_a_tile_too_long_for_the_step_is_encoded_in_slices_of_its_stages() -> None:
+    plans, image, streaming = _image_beside_a_stream(2)
+    assert all(plan.num_tiles == 0 for plan in plans)  # never a whole tile while a stream decodes
+    tasks = [(t.start, t.stages) for plan in plans for t in plan.vision]
     assert tasks == [(0, (0, 2)), (0, (2, 4)), (0, (4, 6)), (1, (0, 2)), (1, (2, 4)), (1, (4, 6))]
     assert image.images[0].tiles_ready == 2 and not streaming.finished
 
@@ -435,20 +446,8 @@ def test_a_tile_too_long_for_the_step_is_encoded_in_slices_of_its_stages() -> No
 def test_slices_of_a_tile_follow_the_cost_of_its_stages() -> None:
     """A ViT layer costs several times the patch embedding or the projector: slices are cut by
     each stage's share of the tile's time, not by equal counts of stages."""
-    sched = make_scheduler(blocks=200, max_model_len=512)
-    sched.vision_stages = 6
-    sched.vision_stage_shares = (1.0, 4.0, 4.0, 4.0, 4.0, 1.0)  # 0.017 s, 4 x 0.067 s, 0.017 s
-    sched.cost = FixedCost(0.1005, base=0.0, token_s=0.0001, tile_s=0.3)
-    engine = FakeEngine(sched)
-    streaming = make_request(8, max_tokens=100)
-    sched.add(streaming)
-    engine.step()
-    image = make_request(60, max_tokens=2, images=[("img", 4, 1, 10)])
-    sched.add(image)
-    tasks = []
-    while not image.finished:
-        tasks += [t.stages for t in engine.step().vision]
-    assert tasks == [(0, 2), (2, 3), (3, 4), (4, 6)]
+    plans, _, _ = _image_beside_a_stream(1, (1.0, 4.0, 4.0, 4.0, 4.0, 1.0))  # 0.017, 4 x 0.067, 0.017 s
+    assert [t.stages for plan in plans for t in plan.vision] == [(0, 2), (2, 3), (3, 4), (4, 6)]
 
 
 def test_two_different_images_share_no_blocks_but_the_same_image_does() -> None:
